@@ -1,0 +1,3 @@
+"""speft-bench: a Hydra benchmark harness for sparse parameter-efficient fine-tuning."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,36 @@
+"""Entry point: ``python -m speft_bench method=lora task=mrpc`` (add ``--multirun`` to sweep)."""
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from speft_bench.schemas import ConfigError, register_schemas
+
+register_schemas()  # before Hydra composes: YAML options pull their schemas from the ConfigStore
+log = logging.getLogger("speft_bench")
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    from speft_bench.run import run  # after composition: a bad override fails before torch loads
+
+    try:
+        hydra_cfg = HydraConfig.get()
+        command = " ".join(["python -m speft_bench", *hydra_cfg.overrides.task])
+        record = run(cfg, Path(hydra_cfg.runtime.output_dir), command)
+    except ConfigError as err:
+        log.error("config error: %s", err)
+        sys.exit(2)
+    metrics = record.get("metrics", {})
+    log.info("%s: %s | trainable %d / %d | %s", record["status"], record["config_hash"],
+             record["parameters"]["trainable"], record["parameters"]["total"],
+             ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    return metrics.get(record.get("main_metric"))  # for Hydra sweepers that optimise
+
+
+if __name__ == "__main__":
+    main()

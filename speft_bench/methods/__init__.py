@@ -1,0 +1,67 @@
+"""Fine-tuning methods: one module per method, selected by ``method.name`` through ``METHODS``.
+
+A method validates its config against the other groups (``check``, before any model loads) and
+turns a loaded model into one whose trainable parameters are exactly its own (``prepare``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig
+from torch import nn
+
+from speft_bench.registry import Registry
+from speft_bench.schemas import ConfigError
+
+
+@dataclass
+class MethodContext:
+    """What a method may use besides the model: the typed config and calibration data."""
+
+    cfg: DictConfig
+    typed: dict[str, Any]  # group -> schema object (see schemas.validate)
+    # (round, n_examples, batch_size) -> training batches; each round draws a fresh sample
+    calibration_batches: Callable[[int, int, int], list[dict]]
+
+
+@dataclass
+class Prepared:
+    """A model ready to train, what the record should say about it, and an optional step hook.
+
+    ``on_step(step, optimizer)`` runs before each optimizer step is taken (dynamic masks use it to
+    re-select entries and reset the optimizer state of the ones that changed).
+    """
+
+    model: nn.Module
+    info: dict[str, Any] = field(default_factory=dict)
+    on_step: Callable[[int, Any], None] | None = None
+
+
+class Method:
+    """Base class: subclasses register with ``@METHODS.register("name")``."""
+
+    metrics: tuple[str, ...] = ("none",)  # salience metrics this method accepts
+
+    @classmethod
+    def check(cls, cfg: DictConfig, typed: dict[str, Any]) -> None:
+        metric = typed["metric"].name
+        if metric not in cls.metrics:
+            raise ConfigError(
+                f"metric={metric!r} is not valid for method={typed['method'].name!r}; allowed: {', '.join(cls.metrics)}"
+            )
+
+    def prepare(self, model: nn.Module, ctx: MethodContext) -> Prepared:
+        raise NotImplementedError
+
+
+def freeze_all_but(model: nn.Module, trainable: dict[str, nn.Parameter]) -> None:
+    """Make exactly the given parameters trainable."""
+    keep = {id(p) for p in trainable.values()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+
+
+METHODS: Registry[type[Method]] = Registry("method.name", "speft_bench.methods")

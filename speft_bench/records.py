@@ -1,0 +1,90 @@
+"""Run records: one JSON per run with everything needed to trace a number back to its cause.
+
+Records are written atomically (temp file + rename): a killed run leaves a complete record or none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from speft_bench.schemas import PROJECT_ROOT
+
+RECORD_NAME = "record.json"
+TRACKED_PACKAGES = ("speft-bench", "torch", "transformers", "peft", "datasets", "hydra-core", "omegaconf",
+                    "lm_eval", "scikit-learn", "scipy", "numpy", "pandas", "wandb")
+
+
+def resolved_config(cfg: DictConfig) -> dict[str, Any]:
+    """The config as plain data, interpolations resolved, enums as their names."""
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """Identity of a run: the resolved config without paths and logger (they don't change results)."""
+    identity = {k: v for k, v in config.items() if k not in ("paths", "logger")}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def git_state(root: Path = PROJECT_ROOT) -> dict[str, Any]:
+    """The commit the code ran at, and whether tracked files differed from it."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=True)
+        return done.stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError):  # not a checkout, or no commit yet
+        return {"commit": None, "dirty": None}
+
+
+def package_versions() -> dict[str, str | None]:
+    def get(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    return {name: get(name) for name in TRACKED_PACKAGES}
+
+
+def environment() -> dict[str, Any]:
+    import torch
+
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+        "packages": package_versions(),
+        "git": git_state(),
+    }
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=False, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_record(path: Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())

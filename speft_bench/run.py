@@ -1,0 +1,165 @@
+"""The recipe: config → seeded model and data → method → train → evaluate → run record.
+
+Read top to bottom; every swappable piece comes from a registry selected by the config.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import resource
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+from transformers import DataCollatorWithPadding, get_linear_schedule_with_warmup
+
+from speft_bench import records
+from speft_bench.data.glue import TokenizedSplit, load_glue
+from speft_bench.evaluation.glue import glue_scores, majority_baseline, predict
+from speft_bench.loggers import RunLogger
+from speft_bench.methods import METHODS, MethodContext
+from speft_bench.models import load_model, parameter_counts, resolve_pretrained
+from speft_bench.schemas import TrainSchema, validate
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss (or salience) became NaN/inf: the run stops and its record says where."""
+
+    def __init__(self, tensor: str, step: int | None):
+        super().__init__(f"non-finite {tensor} at step {step}")
+        self.tensor, self.step = tensor, step
+
+
+def seed_everything(spec: TrainSchema) -> dict[str, Any]:
+    """Seed every RNG and pin the settings that change numerics on CPU; return them for the record."""
+    random.seed(spec.seed)
+    np.random.seed(spec.seed)
+    torch.manual_seed(spec.seed)
+    if spec.num_threads is not None:
+        torch.set_num_threads(spec.num_threads)
+    torch.use_deterministic_algorithms(spec.deterministic)
+    return {"seed": spec.seed, "deterministic": spec.deterministic, "torch_threads": torch.get_num_threads()}
+
+
+class PhaseTimer(dict):
+    """Wall time per phase of the run, in seconds."""
+
+    @contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        yield
+        self[phase] = round(time.perf_counter() - start, 3)
+
+
+def calibration_sampler(dataset, collate, seed: int):
+    """``(round, n, batch_size) -> batches``: n training examples drawn afresh for every round."""
+
+    def batches(round_: int, n: int, batch_size: int) -> list[dict]:
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed * 1_000_003 + round_ + 1))
+        subset = Subset(dataset, order[: min(n, len(dataset))].tolist())
+        return list(DataLoader(subset, batch_size=batch_size, collate_fn=collate))
+
+    return batches
+
+
+def train(model, loader: DataLoader, spec: TrainSchema, on_step, logger: RunLogger) -> dict[str, Any]:
+    """AdamW + linear warmup/decay over the trainable parameters; returns the loss curve."""
+    total = spec.max_steps or math.ceil(spec.epochs * len(loader))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(spec.warmup_ratio * total), total)
+    curve, window, step = [], [], 0
+    model.train()
+    with tqdm(total=total, desc="train", disable=None) as bar:
+        while step < total:
+            for batch in loader:
+                if on_step is not None:
+                    on_step(step, optimizer)
+                loss = model(**batch).loss
+                if not torch.isfinite(loss):
+                    raise NonFiniteError("loss", step)
+                loss.backward()
+                if spec.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                window.append(loss.item())
+                if step % spec.log_every == 0 or step == total:
+                    point = {"step": step, "loss": sum(window) / len(window), "lr": scheduler.get_last_lr()[0]}
+                    curve.append(point)
+                    logger.log({"train/loss": point["loss"], "train/lr": point["lr"]}, step)
+                    bar.set_postfix(loss=f"{point['loss']:.4f}")
+                    window = []
+                bar.update()
+                if step >= total:
+                    break
+    return {"steps": total, "epochs": total / len(loader), "loss_curve": curve}
+
+
+def run(cfg: DictConfig, run_dir: Path, command: str | None = None) -> dict[str, Any]:
+    """Run one configuration and write ``run_dir/record.json``; return the record.
+
+    ``command`` is the command line that produced the run, stored so results can be re-made.
+    """
+    typed = validate(cfg)  # before anything heavy: a bad value fails in milliseconds
+    spec_model, spec_task, spec_train, paths = typed["model"], typed["task"], typed["train"], typed["paths"]
+    config = records.resolved_config(cfg)
+    record: dict[str, Any] = {"status": "running", "command": command, "run_dir": str(run_dir),
+                              "config_hash": records.config_hash(config), "config": config}
+    timer = PhaseTimer()
+    record["determinism"] = seed_everything(spec_train)
+
+    with timer("load"):
+        model, tokenizer = load_model(spec_model, spec_task, paths.cache_dir)
+        splits = load_glue(spec_task, paths.data_root)
+        train_set = TokenizedSplit(splits["train"], tokenizer, spec_task.max_length)
+        dev_set = TokenizedSplit(splits["dev"], tokenizer, spec_task.max_length)
+        collate = DataCollatorWithPadding(tokenizer)
+    record["model"] = {"name": spec_model.name, "label": spec_model.label, "source": resolve_pretrained(spec_model, paths.cache_dir)}
+    record["data"] = {split: {"examples": len(s), "source": s.source} for split, s in splits.items()}
+
+    ctx = MethodContext(cfg, typed, calibration_sampler(train_set, collate, spec_train.seed))
+    with timer("prepare"):
+        prepared = METHODS[typed["method"].name]().prepare(model, ctx)
+    model = prepared.model
+    counts = parameter_counts(model)
+    record["parameters"] = counts | {"trainable_percent": 100.0 * counts["trainable"] / counts["total"]}
+    record["method"] = prepared.info
+
+    loader = DataLoader(train_set, batch_size=spec_train.batch_size, shuffle=True, collate_fn=collate,
+                        generator=torch.Generator().manual_seed(spec_train.seed))
+    logger = RunLogger(typed["logger"], config, run_dir)
+    try:
+        with timer("train"):
+            record["train"] = train(model, loader, spec_train, prepared.on_step, logger)
+        with timer("evaluate"):
+            dev_loader = DataLoader(dev_set, batch_size=spec_train.eval_batch_size, collate_fn=collate)
+            preds, refs, eval_loss = predict(model, dev_loader, spec_task.is_regression)
+            record["metrics"] = glue_scores(spec_task.metrics, preds, refs) | {"eval_loss": eval_loss}
+            record["main_metric"] = spec_task.main_metric
+            if not spec_task.is_regression:
+                record["majority_baseline"] = majority_baseline(spec_task.metrics, refs, np.asarray(splits["train"].labels))
+        logger.log({f"dev/{k}": v for k, v in record["metrics"].items()}, record["train"]["steps"])
+        record["status"] = "completed"
+    except NonFiniteError as err:
+        log.error("stopping: %s", err)
+        record |= {"status": "failed", "failure": {"reason": str(err), "tensor": err.tensor, "step": err.step}}
+    finally:
+        logger.finish()
+    record["time_s"] = dict(timer) | {"total": round(sum(timer.values()), 3)}
+    record["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    record["environment"] = records.environment()
+    records.write_json_atomic(run_dir / records.RECORD_NAME, record)
+    return record
