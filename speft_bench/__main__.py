@@ -16,19 +16,29 @@ log = logging.getLogger("speft_bench")
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    from speft_bench import records
     from speft_bench.run import run  # after composition: a bad override fails before torch loads
+    from speft_bench.schemas import validate
 
     try:
-        hydra_cfg = HydraConfig.get()
-        command = " ".join(["python -m speft_bench", *hydra_cfg.overrides.task])
-        record = run(cfg, Path(hydra_cfg.runtime.output_dir), command)
+        validate(cfg)
+        identity = records.config_hash(records.resolved_config(cfg))
+        done = records.find_completed(Path(cfg.paths.output_dir), identity) if cfg.resume else None
+        if done is not None:
+            log.info("skipping: a completed record of this config exists at %s (resume=false to rerun)", done)
+            record = records.read_record(done)
+        else:
+            hydra_cfg = HydraConfig.get()
+            command = " ".join(["python -m speft_bench", *hydra_cfg.overrides.task])
+            record = run(cfg, Path(hydra_cfg.runtime.output_dir), command)
     except ConfigError as err:
         log.error("config error: %s", err)
         sys.exit(2)
     metrics = record.get("metrics", {})
-    log.info("%s: %s | trainable %d / %d | %s", record["status"], record["config_hash"],
-             record["parameters"]["trainable"], record["parameters"]["total"],
-             ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    counts = record.get("parameters", {})  # absent when the run failed before training
+    log.info("%s: %s | trainable %s / %s | %s %s", record["status"], record["config_hash"], counts.get("trainable"),
+             counts.get("total"), ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()),
+             record.get("failure", {}).get("reason", ""))
     return metrics.get(record.get("main_metric"))  # for Hydra sweepers that optimise
 
 

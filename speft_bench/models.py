@@ -105,14 +105,30 @@ def dequantised_gguf(folder: Path, gguf_file: str, out: Path) -> Path:
     return out
 
 
-def load_model(cfg: ModelSchema, task: TaskSchema, cache_dir: str | Path) -> tuple[nn.Module, object]:
-    """Load tokenizer and model for ``task``: a sequence classifier (regression head for STS-B)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+def load_tokenizer(source: str, cfg: ModelSchema):
+    from transformers import AutoTokenizer
 
-    source = resolve_pretrained(cfg, cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(source, revision=cfg.revision)
     if tokenizer.pad_token is None:  # decoder tokenizers: pad with EOS, masked out anyway
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(cfg: ModelSchema, cache_dir: str | Path) -> tuple[nn.Module, object]:
+    """Load tokenizer and causal LM with its own LM head (instruction tuning; lm-eval scores it)."""
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_pretrained(cfg, cache_dir)
+    model = AutoModelForCausalLM.from_pretrained(source, revision=cfg.revision, dtype=getattr(torch, cfg.dtype.value))
+    return model, load_tokenizer(source, cfg)
+
+
+def load_model(cfg: ModelSchema, task: TaskSchema, cache_dir: str | Path) -> tuple[nn.Module, object]:
+    """Load tokenizer and model for ``task``: a sequence classifier (regression head for STS-B)."""
+    from transformers import AutoModelForSequenceClassification
+
+    source = resolve_pretrained(cfg, cache_dir)
+    tokenizer = load_tokenizer(source, cfg)
     model = AutoModelForSequenceClassification.from_pretrained(
         source,
         revision=cfg.revision,

@@ -29,10 +29,30 @@ def resolved_config(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
 
 
+# Top-level config keys that say where and how to run, not what: not part of a run's identity.
+NOT_IDENTITY = ("paths", "logger", "resume")
+
+
 def config_hash(config: dict[str, Any]) -> str:
-    """Identity of a run: the resolved config without paths and logger (they don't change results)."""
-    identity = {k: v for k, v in config.items() if k not in ("paths", "logger")}
+    """Identity of a run: the resolved config without ``NOT_IDENTITY`` (they don't change results)."""
+    identity = {k: v for k, v in config.items() if k not in NOT_IDENTITY}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def find_completed(root: Path, config_hash: str) -> Path | None:
+    """A completed record with this config hash anywhere under ``root``, or None.
+
+    Records are written atomically, so every ``record.json`` found is whole; one that does not parse
+    was not written by us and is ignored.
+    """
+    for path in sorted(Path(root).rglob(RECORD_NAME)):
+        try:
+            record = read_record(path)
+        except (OSError, ValueError):
+            continue
+        if record.get("config_hash") == config_hash and record.get("status") == "completed":
+            return path
+    return None
 
 
 def git_state(root: Path = PROJECT_ROOT) -> dict[str, Any]:

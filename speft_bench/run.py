@@ -1,6 +1,8 @@
 """The recipe: config → seeded model and data → method → train → evaluate → run record.
 
-Read top to bottom; every swappable piece comes from a registry selected by the config.
+Read top to bottom; every swappable piece comes from a registry selected by the config: the task
+kind (``task.kind``: GLUE classification or causal-LM instruction tuning, ``tasks.py``) brings the
+model head, data, collator and evaluation; the method (``method.name``) the trainable parameters.
 """
 
 from __future__ import annotations
@@ -18,26 +20,18 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Subset
-from tqdm.auto import tqdm
-from transformers import DataCollatorWithPadding, get_linear_schedule_with_warmup
+from transformers import get_linear_schedule_with_warmup
 
 from speft_bench import records
-from speft_bench.data.glue import TokenizedSplit, load_glue
-from speft_bench.evaluation.glue import glue_scores, majority_baseline, predict
+from speft_bench.errors import NonFiniteError
 from speft_bench.loggers import RunLogger
 from speft_bench.methods import METHODS, MethodContext
-from speft_bench.models import load_model, parameter_counts, resolve_pretrained
+from speft_bench.models import parameter_counts, resolve_pretrained
+from speft_bench.progress import progress
 from speft_bench.schemas import TrainSchema, validate
+from speft_bench.tasks import TASK_KINDS
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteError(FloatingPointError):
-    """A loss (or salience) became NaN/inf: the run stops and its record says where."""
-
-    def __init__(self, tensor: str, step: int | None):
-        super().__init__(f"non-finite {tensor} at step {step}")
-        self.tensor, self.step = tensor, step
 
 
 def seed_everything(spec: TrainSchema) -> dict[str, Any]:
@@ -72,6 +66,16 @@ def calibration_sampler(dataset, collate, seed: int):
     return batches
 
 
+def forward_backward(model, batch: dict, step: int) -> float:
+    """Loss and gradients of one batch.  The graph dies with this frame: a graph kept alive until the
+    next step would pin the parameters' gradient accumulators, which a dynamic mask resizes."""
+    loss = model(**batch).loss
+    if not torch.isfinite(loss):
+        raise NonFiniteError("loss", step)
+    loss.backward()
+    return loss.item()
+
+
 def train(model, loader: DataLoader, spec: TrainSchema, on_step, logger: RunLogger) -> dict[str, Any]:
     """AdamW + linear warmup/decay over the trainable parameters; returns the loss curve."""
     total = spec.max_steps or math.ceil(spec.epochs * len(loader))
@@ -80,22 +84,19 @@ def train(model, loader: DataLoader, spec: TrainSchema, on_step, logger: RunLogg
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(spec.warmup_ratio * total), total)
     curve, window, step = [], [], 0
     model.train()
-    with tqdm(total=total, desc="train", disable=None) as bar:
+    with progress(total=total, desc="train") as bar:
         while step < total:
             for batch in loader:
                 if on_step is not None:
                     on_step(step, optimizer)
-                loss = model(**batch).loss
-                if not torch.isfinite(loss):
-                    raise NonFiniteError("loss", step)
-                loss.backward()
+                loss = forward_backward(model, batch, step)
                 if spec.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                window.append(loss.item())
+                window.append(loss)
                 if step % spec.log_every == 0 or step == total:
                     point = {"step": step, "loss": sum(window) / len(window), "lr": scheduler.get_last_lr()[0]}
                     curve.append(point)
@@ -121,36 +122,28 @@ def run(cfg: DictConfig, run_dir: Path, command: str | None = None) -> dict[str,
     timer = PhaseTimer()
     record["determinism"] = seed_everything(spec_train)
 
+    kind = TASK_KINDS[spec_task.kind.name](spec_task, paths)
     with timer("load"):
-        model, tokenizer = load_model(spec_model, spec_task, paths.cache_dir)
-        splits = load_glue(spec_task, paths.data_root)
-        train_set = TokenizedSplit(splits["train"], tokenizer, spec_task.max_length)
-        dev_set = TokenizedSplit(splits["dev"], tokenizer, spec_task.max_length)
-        collate = DataCollatorWithPadding(tokenizer)
+        model, tokenizer = kind.load_model(spec_model)
+        data = kind.load_data(tokenizer)
     record["model"] = {"name": spec_model.name, "label": spec_model.label, "source": resolve_pretrained(spec_model, paths.cache_dir)}
-    record["data"] = {split: {"examples": len(s), "source": s.source} for split, s in splits.items()}
+    record["data"] = data.record
 
-    ctx = MethodContext(cfg, typed, calibration_sampler(train_set, collate, spec_train.seed))
-    with timer("prepare"):
-        prepared = METHODS[typed["method"].name]().prepare(model, ctx)
-    model = prepared.model
-    counts = parameter_counts(model)
-    record["parameters"] = counts | {"trainable_percent": 100.0 * counts["trainable"] / counts["total"]}
-    record["method"] = prepared.info
-
-    loader = DataLoader(train_set, batch_size=spec_train.batch_size, shuffle=True, collate_fn=collate,
-                        generator=torch.Generator().manual_seed(spec_train.seed))
+    ctx = MethodContext(cfg, typed, calibration_sampler(data.train, data.collate, spec_train.seed))
     logger = RunLogger(typed["logger"], config, run_dir)
-    try:
+    try:  # a non-finite salience (prepare) or loss (train) ends the run with a record that says so
+        with timer("prepare"):
+            prepared = METHODS[typed["method"].name]().prepare(model, ctx)
+        model = prepared.model
+        counts = parameter_counts(model)
+        record["parameters"] = counts | {"trainable_percent": 100.0 * counts["trainable"] / counts["total"]}
+        record["method"] = prepared.info
+        loader = DataLoader(data.train, batch_size=spec_train.batch_size, shuffle=True, collate_fn=data.collate,
+                            generator=torch.Generator().manual_seed(spec_train.seed))
         with timer("train"):
             record["train"] = train(model, loader, spec_train, prepared.on_step, logger)
         with timer("evaluate"):
-            dev_loader = DataLoader(dev_set, batch_size=spec_train.eval_batch_size, collate_fn=collate)
-            preds, refs, eval_loss = predict(model, dev_loader, spec_task.is_regression)
-            record["metrics"] = glue_scores(spec_task.metrics, preds, refs) | {"eval_loss": eval_loss}
-            record["main_metric"] = spec_task.main_metric
-            if not spec_task.is_regression:
-                record["majority_baseline"] = majority_baseline(spec_task.metrics, refs, np.asarray(splits["train"].labels))
+            record |= kind.evaluate(model, tokenizer, spec_train)  # metrics (+ main metric, baselines, lm-eval output)
         logger.log({f"dev/{k}": v for k, v in record["metrics"].items()}, record["train"]["steps"])
         record["status"] = "completed"
     except NonFiniteError as err:

@@ -50,6 +50,11 @@ class DType(Enum):
 
 class TaskKind(Enum):
     glue = "glue"
+    instruct = "instruct"  # instruction fine-tuning of a causal LM, scored by lm-eval (speft_bench/tasks.py)
+
+
+class PromptTemplate(Enum):
+    alpaca = "alpaca"  # Stanford Alpaca's instruction / input / response template (data/instruct.py)
 
 
 class TargetScope(Enum):
@@ -136,6 +141,57 @@ class TaskSchema:
 
 
 @dataclass
+class LmEvalSchema:
+    """Evaluation through lm-evaluation-harness (speft_bench/evaluation/lm_eval.py) of an instruct task."""
+
+    tasks: List[str] = field(default_factory=list)  # task/group names in speft_bench/evaluation/lm_eval_tasks/
+    # Per-task settings, used when the task is in `tasks` (so a task config's defaults survive an
+    # experiment that swaps the task list); names must still be shipped tasks.
+    num_fewshot: Dict[str, int] = field(default_factory=dict)  # a task not listed keeps its config's n-shot
+    limit: Optional[int] = None  # examples per task (per subject of mmlu); null: all (paper scale)
+    limit_per_task: Dict[str, Optional[int]] = field(default_factory=dict)  # overrides `limit` for these tasks
+    batch_size: int = 8
+    max_gen_toks: Optional[int] = None  # cap on generated tokens for generative tasks; null: the task's own
+    allow_code_execution: bool = False  # humaneval/mbpp run model-written code: explicit opt-in only
+    stand_in: Optional[str] = None  # how the evaluation differs from the paper's, and why (recorded)
+
+    def __post_init__(self) -> None:
+        _check(len(set(self.tasks)) == len(self.tasks), f"task.eval.tasks has duplicates: {self.tasks}")
+        for name, shots in self.num_fewshot.items():
+            _check(shots >= 0, f"task.eval.num_fewshot.{name} must be >= 0, got {shots}")
+        _positive("task.eval.limit", self.limit, allow_none=True)
+        for name, limit in self.limit_per_task.items():
+            _positive(f"task.eval.limit_per_task.{name}", limit, allow_none=True)
+        _positive("task.eval.batch_size", self.batch_size)
+        _positive("task.eval.max_gen_toks", self.max_gen_toks, allow_none=True)
+
+    def limit_for(self, task: str) -> Optional[int]:
+        return self.limit_per_task.get(task, self.limit)
+
+
+@dataclass
+class InstructTaskSchema:
+    """Instruction data for a causal LM (loss on response tokens), evaluated with lm-eval."""
+
+    name: str = MISSING
+    kind: TaskKind = TaskKind.instruct
+    source: str = MISSING  # dataset in speft_bench/data/sources.py with a format in data/instruct.py
+    split: str = "train"
+    template: PromptTemplate = PromptTemplate.alpaca
+    max_length: int = 512  # tokens of prompt + response; longer examples are cut on the right
+    train_limit: Optional[int] = None  # cap on train examples (CPU-scale runs; SPSFT's 256); recorded
+    sample_seed: Optional[int] = None  # with train_limit: draw the examples at random with this seed; null: first n
+    stand_in: Optional[str] = None  # which paper dataset this one replaces, and why (recorded)
+    eval: LmEvalSchema = field(default_factory=LmEvalSchema)
+
+    def __post_init__(self) -> None:
+        _positive("task.max_length", self.max_length)
+        _positive("task.train_limit", self.train_limit, allow_none=True)
+        _check(self.sample_seed is None or self.sample_seed >= 0, f"task.sample_seed must be >= 0 or null, got {self.sample_seed}")
+        _check(len(self.eval.tasks) > 0, "task.eval.tasks must name at least one lm-eval task")
+
+
+@dataclass
 class MethodSchema:
     name: str = MISSING
     train_head: bool = True  # the classifier head stays densely trainable, as in both papers
@@ -157,8 +213,60 @@ class LoraSchema(MethodSchema):
 
 
 @dataclass
+class SpeftSchema(MethodSchema):
+    targets: TargetScope = TargetScope.all
+    lora_rank: Optional[int] = 8  # budget = LoRA's trainable count at this rank on the same targets
+    density: Optional[float] = None  # or a fraction of the target weights (when lora_rank is null)
+    calibration_examples: int = 1024
+    calibration_batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        _check((self.lora_rank is None) != (self.density is None),
+               f"method.lora_rank and method.density: set exactly one (got lora_rank={self.lora_rank}, density={self.density})")
+        _positive("method.lora_rank", self.lora_rank, allow_none=True)
+        _check(self.density is None or 0.0 < self.density <= 1.0, f"method.density must be in (0, 1], got {self.density}")
+        _positive("method.calibration_examples", self.calibration_examples)
+        _positive("method.calibration_batch_size", self.calibration_batch_size)
+
+
+@dataclass
+class SpsftSchema(MethodSchema):
+    targets: TargetScope = TargetScope.all  # mlp: the SPSFT paper's "FA" (attention frozen)
+    r: Optional[int] = 16  # rows per target linear; r = 2R has about LoRA rank R's trainable count
+    fraction: Optional[float] = None  # or this fraction of each layer's rows (when r is null)
+    train_norms: bool = False  # also train the blocks' LayerNorm/RMSNorm weights and biases
+    calibration_examples: int = 1024  # for data-driven importance (taylor, qm_taylor)
+    calibration_batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        _check((self.r is None) != (self.fraction is None),
+               f"method.r and method.fraction: set exactly one (got r={self.r}, fraction={self.fraction})")
+        _positive("method.r", self.r, allow_none=True)
+        _check(self.fraction is None or 0.0 < self.fraction <= 1.0,
+               f"method.fraction must be in (0, 1], got {self.fraction}")
+        _positive("method.calibration_examples", self.calibration_examples)
+        _positive("method.calibration_batch_size", self.calibration_batch_size)
+
+
+@dataclass
 class MetricSchema:
     name: str = "none"
+
+
+@dataclass
+class FisherSchema(MetricSchema):
+    micro_batch: int = 1  # 1: exact per-example gradients; larger: faster, approximate
+
+    def __post_init__(self) -> None:
+        _positive("metric.micro_batch", self.micro_batch)
+
+
+@dataclass
+class QmTaylorSchema(MetricSchema):
+    quantiles: int = 11  # evenly spaced levels in [0, 1] averaged over labels; 11: eq. 7's 0 %, 10 %, …, 100 %
+
+    def __post_init__(self) -> None:
+        _check(self.quantiles >= 2, f"metric.quantiles must be >= 2, got {self.quantiles}")
 
 
 @dataclass
@@ -223,9 +331,9 @@ class PathsSchema:
 
 _SCHEMAS: dict[str, dict[str, Any]] = {
     "model": {"model": ModelSchema},
-    "task": {"glue": TaskSchema},
-    "method": {"method": MethodSchema, "lora": LoraSchema},
-    "metric": {"metric": MetricSchema},
+    "task": {"glue": TaskSchema, "instruct": InstructTaskSchema},
+    "method": {"method": MethodSchema, "lora": LoraSchema, "speft": SpeftSchema, "spsft": SpsftSchema},
+    "metric": {"metric": MetricSchema, "fisher": FisherSchema, "qm_taylor": QmTaylorSchema},
     "masking": {"masking": MaskingSchema},
     "train": {"train": TrainSchema},
     "logger": {"logger": LoggerSchema},
@@ -250,6 +358,7 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
     """
     from speft_bench.methods import METHODS  # registries import torch-heavy code: keep lazy
 
+    _check(isinstance(cfg.get("resume"), bool), f"resume must be true or false, got {cfg.get('resume')!r}")
     typed = {}
     for group in _SCHEMAS:
         try:
@@ -261,6 +370,9 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
     method_name = typed["method"].name
     _check(method_name in METHODS, f"method.name={method_name!r} is not known; allowed values: {', '.join(METHODS.names())}")
     METHODS[method_name].check(cfg, typed)
+    from speft_bench.tasks import TASK_KINDS
+
+    TASK_KINDS[typed["task"].kind.name].check(typed)  # cross-group rules of the task kind (model family, ...)
     return typed
 
 

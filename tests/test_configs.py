@@ -27,12 +27,30 @@ def test_every_group_has_options():
     assert {g: len(options(g)) > 0 for g in GROUPS} == dict.fromkeys(GROUPS, True)
     # the 12 models of the issue and all 8 GLUE tasks of the SPSFT paper
     assert len(options("model")) == 12
-    assert options("task") == ["cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2", "stsb"]
+    assert options("task") == ["alpaca", "codefeedback", "cola", "gsm8k", "metamathqa", "mnli", "mrpc", "oasst2",
+                               "openbookqa_256", "qnli", "qqp", "rte", "sst2", "stsb"]  # + the LLM tracks' instruct tasks
+
+
+def partners(group: str, option: str) -> tuple[str, ...]:
+    """Options of the other groups that ``group=option`` is valid with."""
+    if group == "metric" and option in ("l2", "taylor", "qm_taylor"):
+        return ("task=mrpc", "method=spsft")  # neuron-importance metrics choose SPSFT's rows
+    if group == "metric" and option != "none":
+        return ("task=mrpc", "method=speft")  # salience metrics choose SPEFT's entries
+    if group == "method" and option == "speft":
+        return ("task=mrpc", "metric=gradient")
+    if group == "method" and option == "spsft":
+        return ("task=mrpc", "metric=taylor")
+    if group == "task" and option == "codefeedback":  # scoring runs model-written code: explicit opt-in
+        return ("method=lora", "model=smollm2_135m", "task.eval.allow_code_execution=true")
+    if group == "task" and (CONF / "task" / f"{option}.yaml").read_text().count("kind: instruct"):
+        return ("method=lora", "model=smollm2_135m")  # instruction tuning needs a causal LM
+    return REQUIRED
 
 
 @pytest.mark.parametrize(("group", "option"), all_options())
 def test_option_composes_and_validates(group, option):
-    cfg = compose_config(*REQUIRED, f"{group}={option}")
+    cfg = compose_config(*partners(group, option), f"{group}={option}")
     typed = validate(cfg)
     assert cfg[group] is not None and typed[group] is not None
     if group == "model":  # every model names its targets for every scope

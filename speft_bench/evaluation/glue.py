@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
-from tqdm.auto import tqdm
+from speft_bench.progress import progress
 
 from speft_bench.registry import Registry
 
@@ -41,7 +41,7 @@ def predict(model: torch.nn.Module, loader, is_regression: bool) -> tuple[np.nda
     """Predictions, references and mean loss over ``loader`` (model left in eval mode)."""
     model.eval()
     preds, refs, loss_sum, n = [], [], 0.0, 0
-    for batch in tqdm(loader, desc="eval", leave=False, disable=None):
+    for batch in progress(loader, desc="eval", leave=False):
         out = model(**batch)
         logits = out.logits.float()
         preds.append(logits.squeeze(-1) if is_regression else logits.argmax(-1))

@@ -1,0 +1,372 @@
+"""Benchmarks: step time and training memory per fine-tuning method, salience cost, value-gradient kernels.
+
+    python scripts/bench.py steps      # methods side by side (MiniLM-L6 16×128, SmolLM2-135M 16×128)
+    python scripts/bench.py salience   # each SPEFT metric on 1024 real MRPC examples (MiniLM-L6)
+    python scripts/bench.py kernels    # SPEFT's two value-gradient kernels alone, per layer shape
+
+`make bench` runs all three; results go to results/bench/*.json and *.md (BENCHMARKS.md quotes them).
+
+How `steps` measures, per (model, method) configuration, each in a fresh process of its own:
+* time: median seconds of a forward + backward + AdamW step, ``--rounds`` rounds of ``--steps``
+  steps after 2 warm-up steps, with ``--threads`` torch threads;
+* memory: peak RSS in a second process run with ``MALLOC_MMAP_THRESHOLD_=131072``, so that glibc returns
+  every freed tensor above 128 KiB to the OS and RSS follows live tensors (without it freed memory is
+  kept and LoRA showed the RSS of full fine-tuning).  The peak is reset (``/proc/self/clear_refs``)
+  after the model is built, then taken over (i) one no-grad forward, ``inference`` = mem_M, and
+  (ii) warm-up + timed training steps, ``train`` = mem_TTL.  ``train − inference`` is the SPSFT paper's
+  training memory (appendix D.1); ``train − floor's train`` is what a method adds to the physical floor.
+Every method trains at the same budget: LoRA's trainable count at rank r on the same linears.
+The ``floor`` is no adapter: forward + backward through the frozen body (input embeddings require
+grad, so the gradient flows through every layer) — what any method that trains inside the body pays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "results" / "bench"
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+os.environ.update(OFFLINE)
+
+
+# --------------------------------------------------------------------------- models and variants
+def harness_config(*overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    from speft_bench.schemas import register_schemas, validate
+
+    register_schemas()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["task=mrpc", "method=lora", *overrides])
+    return cfg, validate(cfg)
+
+
+def load(model_name: str) -> tuple[nn.Module, object, bool]:
+    """(model, model schema, is_classifier): encoders as MRPC classifiers, decoders as causal LMs."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+
+    from speft_bench.models import load_model, resolve_pretrained
+    from speft_bench.schemas import Family
+
+    logging.set_verbosity_error()
+    _, typed = harness_config(f"model={model_name}")
+    spec, cache = typed["model"], typed["paths"].cache_dir
+    torch.manual_seed(0)
+    if spec.family is Family.encoder:
+        return load_model(spec, typed["task"], cache)[0], spec, True
+    return AutoModelForCausalLM.from_pretrained(resolve_pretrained(spec, cache), dtype=torch.float32), spec, False
+
+
+def lora_like(r: int, **extra) -> Callable:
+    def build(model, targets, spec):
+        from peft import LoraConfig, inject_adapter_in_model
+
+        return inject_adapter_in_model(LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), **extra), model)
+    return build
+
+
+def speft(r: int) -> Callable:
+    """Random entries (speed and memory do not depend on which), LoRA's count per layer."""
+    def build(model, targets, spec):
+        from speft_bench.methods.speft.model import attach_sparse_deltas
+
+        gen = torch.Generator().manual_seed(0)
+        indices = {n: torch.randperm(m.weight.numel(), generator=gen)[: r * sum(m.weight.shape)] for n, m in targets.items()}
+        for layer in attach_sparse_deltas(model, indices).values():
+            layer.values.data.normal_(0, 1e-3, generator=gen)  # non-zero, as after a few steps
+        return model
+    return build
+
+
+def spsft(r: int) -> Callable:
+    """r random output rows per layer (speed and memory do not depend on which)."""
+    def build(model, targets, spec):
+        from speft_bench.methods.spsft.model import attach_row_deltas
+
+        gen = torch.Generator().manual_seed(0)
+        attach_row_deltas(model, {n: torch.randperm(m.out_features, generator=gen)[:r] for n, m in targets.items()})
+        return model
+    return build
+
+
+def supertuning(r: int) -> Callable:
+    """peft's Super-Tuning at one sparsity for all layers, matching LoRA-r's total count."""
+    def build(model, targets, spec):
+        from peft import SupertuningConfig, inject_adapter_in_model
+
+        count = sum(r * sum(m.weight.shape) for m in targets.values())
+        density = count / sum(m.weight.numel() for m in targets.values())
+        return inject_adapter_in_model(SupertuningConfig(sparsity=1 - density, target_modules=list(targets)), model)
+    return build
+
+
+def shira(r: int) -> Callable:
+    def build(model, targets, spec):
+        from peft import ShiraConfig, inject_adapter_in_model
+
+        return inject_adapter_in_model(ShiraConfig(r=r, random_seed=0, target_modules=list(targets)), model)
+    return build
+
+
+def floor(model, targets, spec):
+    return model
+
+
+def full(model, targets, spec):
+    return model.requires_grad_(True)
+
+
+# name -> (builder at rank r, names of the parameters it trains; None: whatever the builder left on)
+VARIANTS: dict[str, Callable[[int], tuple[Callable, Callable[[str], bool] | None]]] = {
+    "floor": lambda r: (floor, lambda n: False),
+    "lora": lambda r: (lora_like(r), lambda n: "lora_" in n),
+    "dora": lambda r: (lora_like(r, use_dora=True), lambda n: "lora_" in n),
+    "speft": lambda r: (speft(r), lambda n: n.endswith(".values")),
+    "spsft": lambda r: (spsft(r), lambda n: n.endswith(".delta")),
+    "supertuning": lambda r: (supertuning(r), lambda n: "supertuning_" in n or n.endswith("values")),
+    "shira": lambda r: (shira(r), lambda n: "shira_" in n),
+    "full": lambda r: (full, None),
+}
+
+
+def build(model_name: str, variant: str, r: int, scope: str):
+    """The model with ``variant`` applied on the ``scope`` targets, and only its parameters trainable."""
+    from speft_bench.models import head_parameters, targets_for
+    from speft_bench.schemas import TargetScope
+
+    model, spec, classifier = load(model_name)
+    targets = targets_for(model, spec, TargetScope[scope])
+    builder, trains = VARIANTS[variant](r)
+    model.requires_grad_(False)
+    model = builder(model, targets, spec)
+    if trains is not None:
+        head = set(head_parameters(model)) if classifier else set()
+        for name, p in model.named_parameters():
+            p.requires_grad_(trains(name) or name in head)
+    model.enable_input_require_grads()  # the gradient flows through every layer, as for any in-body method
+    return model.train(), classifier
+
+
+def make_batch(classifier: bool, batch_size: int, seq_len: int) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 20000, (batch_size, seq_len), generator=gen)
+    labels = torch.randint(0, 2, (batch_size,), generator=gen) if classifier else ids
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+# --------------------------------------------------------------------------- one configuration (worker)
+def rss_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
+
+
+def worker(args) -> dict:
+    torch.set_num_threads(args.threads)
+    model, classifier = build(args.model, args.variant, args.r, args.scope)
+    batch = make_batch(classifier, args.batch_size, args.seq_len)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5) if params else None
+    result = {"trainable": sum(p.numel() for p in params)}
+    reset_peak()
+    base = rss_mb("VmRSS")
+    with torch.no_grad():
+        model(**batch)
+    result["inference_mb"] = rss_mb("VmHWM") - base
+    reset_peak()
+    times = []
+    for i in range(2 + args.rounds * args.steps):
+        start = time.perf_counter()
+        model(**batch).loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    result["train_mb"] = rss_mb("VmHWM") - base
+    rounds = [statistics.median(times[i * args.steps:(i + 1) * args.steps]) for i in range(args.rounds)]
+    return result | {"round_medians_s": rounds, "step_s": statistics.median(times)}
+
+
+def run_worker(cli: list[str], env: dict | None = None) -> dict:
+    done = subprocess.run([sys.executable, __file__, "_worker", *cli], capture_output=True, text=True,
+                          env=os.environ | (env or {}), cwd=ROOT)
+    if done.returncode:
+        raise RuntimeError(f"worker {cli} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------- reports
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def save(name: str, data: dict, table: str) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / f"{name}.json").write_text(json.dumps(data, indent=2))
+    (OUT / f"{name}.md").write_text(table)
+    print(table)
+
+
+def steps(args) -> None:
+    rows, lines = [], []
+    variants = ["floor"] + [v for v in args.variants if v != "floor"]  # every row is compared with the floor
+    for model_name, batch_size, seq_len in args.models:
+        for scope in args.scopes:
+            for variant in variants:
+                r = 2 * args.r if variant == "spsft" else args.r  # SPSFT r=2R is LoRA r=R's count (paper)
+                cli = ["--model", model_name, "--variant", variant, "--r", str(r), "--scope", scope,
+                       "--batch-size", str(batch_size), "--seq-len", str(seq_len), "--threads", str(args.threads),
+                       "--steps", str(args.steps), "--rounds", str(args.rounds)]
+                timed = run_worker(cli)
+                mem = run_worker(cli[:-4] + ["--steps", "2", "--rounds", "1"], {"MALLOC_MMAP_THRESHOLD_": "131072"})
+                row = {"model": model_name, "batch": f"{batch_size}×{seq_len}", "scope": scope, "variant": variant,
+                       "r": r, "trainable": timed["trainable"], "step_s": timed["step_s"],
+                       "round_medians_s": timed["round_medians_s"], "inference_mb": mem["inference_mb"],
+                       "train_mb": mem["train_mb"]}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    header = ("| model | batch | targets | method | trainable | s/step | × floor | × LoRA | train MB (mem_TTL) "
+              "| − inference (paper D.1) | − floor |\n|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        ref = {x["variant"]: x for x in rows if (x["model"], x["scope"]) == (row["model"], row["scope"])}
+        fl, lo = ref["floor"], ref.get("lora")
+        vs_lora = f"{row['step_s'] / lo['step_s']:.2f}" if lo else "—"
+        lines.append(f"| {row['model']} | {row['batch']} | {row['scope']} | {row['variant']} (r={row['r']}) "
+                     f"| {row['trainable']:,} | {row['step_s']:.3f} | {row['step_s'] / fl['step_s']:.2f} | {vs_lora} "
+                     f"| {row['train_mb']:.0f} | {row['train_mb'] - row['inference_mb']:.0f} "
+                     f"| {row['train_mb'] - fl['train_mb']:.0f} |")
+    note = (f"\n`python scripts/bench.py steps {' '.join(args.argv)}` on {machine()}; {args.threads} threads, "
+            f"median of {args.rounds}×{args.steps} steps; memory: peak RSS with MALLOC_MMAP_THRESHOLD_=131072.\n")
+    save(args.name, {"machine": machine(), "args": args.argv, "rows": rows}, header + "\n" + "\n".join(lines) + "\n" + note)
+
+
+def salience(args) -> None:
+    """Seconds per metric on the calibration set the harness uses (1024 real MRPC examples, 64×16), and
+    what the figures need: score histograms, the LoRA-r=8-budget global masks' per-layer density and
+    their pairwise Jaccard overlap."""
+    from transformers import DataCollatorWithPadding
+
+    from speft_bench.data.glue import TokenizedSplit, load_glue
+    from speft_bench.masking import density_per_layer, lora_param_count, top_k
+    from speft_bench.models import load_model, targets_for
+    from speft_bench.run import calibration_sampler
+    from speft_bench.salience import SALIENCE_METRICS, compute_salience
+    from speft_bench.schemas import TargetScope
+
+    torch.set_num_threads(args.threads)
+    cfg, typed = harness_config("model=minilm_l6")
+    model, tokenizer = load_model(typed["model"], typed["task"], typed["paths"].cache_dir)
+    train = TokenizedSplit(load_glue(typed["task"], typed["paths"].data_root)["train"], tokenizer, typed["task"].max_length)
+    batches = calibration_sampler(train, DataCollatorWithPadding(tokenizer), seed=0)(0, args.examples, 16)
+    weights = {n: m.weight for n, m in targets_for(model, typed["model"], TargetScope.all).items()}
+    shapes = {n: tuple(w.shape) for n, w in weights.items()}
+    k = lora_param_count(shapes, 8)
+    seconds, histograms, masks = {}, {}, {}
+    edges = torch.linspace(-16, 2, 73)  # log10 |score| bins
+    for metric in SALIENCE_METRICS.names():
+        start = time.perf_counter()
+        scores = compute_salience(metric, model, weights, batches)
+        seconds[metric] = time.perf_counter() - start
+        flat = torch.cat([s.reshape(-1).double() for s in scores.values()])
+        logs = flat.abs().clamp_min(1e-16).log10().clamp(-16, 2)
+        histograms[metric] = {"counts": torch.histogram(logs, edges).hist.tolist(),
+                              "negative_fraction": float((flat < 0).double().mean())}
+        masks[metric] = {n: set(idx.tolist()) for n, idx in top_k(scores, k).items()}
+        print(f"{metric}: {seconds[metric]:.1f} s", flush=True)
+    jaccard = {a: {b: sum(len(masks[a][n] & masks[b][n]) for n in shapes) /
+                      sum(len(masks[a][n] | masks[b][n]) for n in shapes) for b in masks} for a in masks}
+    density = {m: density_per_layer({n: list(v) for n, v in mask.items()}, shapes) for m, mask in masks.items()}
+    lines = ["| metric | seconds for 1024 MRPC examples |", "|---|---:|"]
+    lines += [f"| {m} | {s:.1f} |" for m, s in seconds.items()]
+    note = f"\n`python scripts/bench.py salience` on {machine()}; {args.threads} threads; MiniLM-L6, 36 target linears.\n"
+    save("salience", {"machine": machine(), "examples": args.examples, "budget": k, "seconds": seconds,
+                      "histogram_edges_log10": edges.tolist(), "histograms": histograms, "jaccard": jaccard,
+                      "density_per_layer": density}, "\n".join(lines) + "\n" + note)
+
+
+def kernels(args) -> None:
+    """Value-gradient kernels alone (ms, best of 7) per MiniLM shape and density; * = the cost model's pick."""
+    from speft_bench.methods.speft.layer import choose_value_grad, dense_value_grad, sampled_value_grad
+
+    torch.set_num_threads(args.threads)
+    tokens = 16 * 128
+    lines = ["| d_out×d_in | density | dense ms | sampled ms | pick |", "|---|---:|---:|---:|---|"]
+    for d_out, d_in in [(384, 384), (1536, 384), (384, 1536), (1024, 1024)]:
+        x, g = torch.randn(tokens, d_in), torch.randn(tokens, d_out)
+        for density in [8 * (d_out + d_in) / (d_out * d_in), 0.05, 0.2]:
+            k = int(density * d_out * d_in)
+            indices = torch.randperm(d_out * d_in)[:k].sort().values.int()
+            ms = {}
+            for name, kernel in [("dense", dense_value_grad), ("sampled", sampled_value_grad)]:
+                best = float("inf")
+                for _ in range(7):
+                    start = time.perf_counter()
+                    kernel(g, x, indices)
+                    best = min(best, time.perf_counter() - start)
+                ms[name] = best * 1e3
+            lines.append(f"| {d_out}×{d_in} | {density:.3f} | {ms['dense']:.1f} | {ms['sampled']:.1f} "
+                         f"| {choose_value_grad(d_out, d_in, k)} |")
+    note = f"\n`python scripts/bench.py kernels` on {machine()}; {args.threads} threads; {tokens} tokens.\n"
+    save("kernels", {"machine": machine(), "table": lines}, "\n".join(lines) + "\n" + note)
+
+
+def parse_model(text: str) -> tuple[str, int, int]:
+    name, _, shape = text.partition(":")
+    batch, seq = (int(v) for v in (shape or "16x128").split("x"))
+    return name, batch, seq
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("steps", help="step time and memory per method")
+    p.add_argument("--models", type=parse_model, nargs="+", default=[("minilm_l6", 16, 128), ("smollm2_135m", 16, 128)],
+                   help="model[:BxT], e.g. smollm2_135m:16x256")
+    p.add_argument("--variants", nargs="+", default=["floor", "lora", "speft", "supertuning", "shira"], choices=list(VARIANTS))
+    p.add_argument("--scopes", nargs="+", default=["all"], choices=["all", "mlp", "attention"])
+    p.add_argument("--r", type=int, default=8, help="LoRA rank R that sets every method's budget")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--name", default="steps", help="results/bench/<name>.{json,md}")
+    p = sub.add_parser("salience", help="seconds per SPEFT metric on 1024 MRPC examples")
+    p.add_argument("--examples", type=int, default=1024)
+    sub.add_parser("kernels", help="SPEFT value-gradient kernels alone")
+    w = sub.add_parser("_worker")  # one configuration, in its own process; prints one JSON line
+    for flag in ("--model", "--variant", "--scope"):
+        w.add_argument(flag, required=True)
+    for flag in ("--r", "--batch-size", "--seq-len", "--steps", "--rounds"):
+        w.add_argument(flag, type=int, required=True)
+    for p in sub.choices.values():
+        p.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    args.argv = sys.argv[2:]
+    if args.command == "_worker":
+        print(json.dumps(worker(args)))
+    else:
+        {"steps": steps, "salience": salience, "kernels": kernels}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()

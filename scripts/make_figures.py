@@ -1,0 +1,110 @@
+"""Figures from the benchmark results (results/bench/*.json) -> results/figures/*.png.
+
+    python scripts/make_figures.py            # `make tables` runs it too
+
+* mask_density_per_layer.png: per target layer, the density of each salience metric's mask (LoRA r=8 budget,
+  global ranking) — where each metric puts its trainable entries;
+* salience_histograms.png: log10 |score| per metric over all target weights;
+* mask_jaccard.png: Jaccard overlap between the masks of different metrics;
+* bench_<name>.png: step time and training memory per method, from `scripts/bench.py steps`.
+A figure whose input does not exist yet is skipped with a note (run `make bench` first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def short(layer: str) -> str:
+    """``bert.encoder.layer.3.attention.self.query`` -> ``3.query``."""
+    parts = layer.split(".")
+    index = next(i for i, p in enumerate(parts) if p.isdigit())
+    return f"{parts[index]}.{'.'.join(parts[index + 1:]).replace('attention.', 'attn.')}"
+
+
+def salience_figures(data: dict, out: Path) -> None:
+    metrics = list(data["seconds"])
+    layers = list(next(iter(data["density_per_layer"].values())))
+    fig, ax = plt.subplots(figsize=(14, 4.5))
+    for metric in metrics:
+        ax.plot(range(len(layers)), [100 * data["density_per_layer"][metric][n] for n in layers], marker=".", label=metric)
+    ax.set_xticks(range(len(layers)), [short(n) for n in layers], rotation=90, fontsize=7)
+    ax.set_ylabel("mask density (%)")
+    ax.set_title(f"Per-layer density of each metric's mask (MiniLM-L6, {data['budget']:,} entries = LoRA r=8, global)")
+    ax.legend(ncol=4, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "mask_density_per_layer.png", dpi=120)
+
+    edges = np.asarray(data["histogram_edges_log10"])
+    fig, axes = plt.subplots(2, 4, figsize=(14, 6), sharex=True)
+    for ax, metric in zip(axes.flat, metrics):
+        hist = data["histograms"][metric]
+        ax.stairs(hist["counts"], edges, fill=True)
+        ax.set_title(f"{metric} ({100 * hist['negative_fraction']:.0f}% < 0)", fontsize=9)
+        ax.set_yscale("log")
+    fig.supxlabel("log10 |score| (clipped to [-16, 2])")
+    fig.tight_layout()
+    fig.savefig(out / "salience_histograms.png", dpi=120)
+
+    matrix = np.array([[data["jaccard"][a][b] for b in metrics] for a in metrics])
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    image = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
+    ax.set_xticks(range(len(metrics)), metrics, rotation=45, ha="right")
+    ax.set_yticks(range(len(metrics)), metrics)
+    for i in range(len(metrics)):
+        for j in range(len(metrics)):
+            ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if matrix[i, j] < 0.5 else "black")
+    fig.colorbar(image, label="Jaccard overlap of masks")
+    ax.set_title("Mask overlap between salience metrics")
+    fig.tight_layout()
+    fig.savefig(out / "mask_jaccard.png", dpi=120)
+
+
+def bench_figure(name: str, data: dict, out: Path) -> None:
+    rows = data["rows"]
+    labels = [f"{r['model']}\n{r['scope']}/{r['variant']}" for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 0.35 * len(rows) + 2))
+    y = np.arange(len(rows))
+    left.barh(y, [r["step_s"] for r in rows])
+    left.set_xlabel("s / step (median)")
+    right.barh(y, [r["train_mb"] - r["inference_mb"] for r in rows])
+    right.set_xlabel("training memory: peak − inference peak (MB)")
+    for ax in (left, right):
+        ax.set_yticks(y, labels, fontsize=7)
+        ax.invert_yaxis()
+    fig.suptitle(f"{name}: {data['machine']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / f"bench_{name}.png", dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bench", type=Path, default=ROOT / "results" / "bench")
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "figures")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    salience = args.bench / "salience.json"
+    if salience.exists():
+        salience_figures(json.loads(salience.read_text()), args.out)
+    else:
+        print(f"skipped salience figures: no {salience} (run `python scripts/bench.py salience`)")
+    for path in sorted(args.bench.glob("*.json")):
+        data = json.loads(path.read_text())
+        if "rows" in data:
+            bench_figure(path.stem, data, args.out)
+    print(f"figures in {args.out}")
+
+
+if __name__ == "__main__":
+    main()

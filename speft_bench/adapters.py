@@ -1,0 +1,136 @@
+"""Adapter files shared by the sparse tuners (SPEFT, SPSFT): reading, writing and the generic checks.
+
+An adapter is a safetensors file of per-layer tensors, ``<layer name>.<part>``, with string metadata:
+one JSON-encoded value per key plus a ``format`` marker that names the method and version.  Each
+method's ``load_adapter`` reads it with :func:`read_adapter`, checks every layer against the model
+with the helpers below, and only then changes the model, so a bad file never half-applies.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+from safetensors.torch import save_file
+import torch
+from torch import Tensor, nn
+
+
+class AdapterError(ValueError):
+    """An adapter file is unreadable, malformed, or does not fit the model."""
+
+
+def is_integer_dtype(dtype: torch.dtype) -> bool:
+    """Integer index dtypes (int8 … int64, uint8): not floating, complex or bool."""
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """Distinct linear-layer names with block numbers folded (``layer.0.`` → ``layer.N.``), for messages."""
+    names = (re.sub(r"\.\d+\.", ".N.", n) for n, m in model.named_modules() if isinstance(m, nn.Linear))
+    return sorted(set(names))
+
+
+def submodule(model: nn.Module, name: str) -> nn.Module | None:
+    """``model.get_submodule(name)``, or None when there is no such module."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def module_kind(module: nn.Module | None) -> str:
+    return "missing" if module is None else type(module).__name__
+
+
+def base_linear(model: nn.Module, name: str, wrapper: type[nn.Module], where: str) -> nn.Linear:
+    """The ``nn.Linear`` at ``name``, or the ``.base`` of a ``wrapper`` there; ``AdapterError`` otherwise."""
+    module = submodule(model, name)
+    if isinstance(module, wrapper):
+        module = module.base
+    if not isinstance(module, nn.Linear):
+        raise AdapterError(f"{where} is not a linear layer of the model ({module_kind(module)}); linear layers are "
+                           f"{', '.join(linear_names(model))}")
+    return module
+
+
+def write_adapter(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, Any], fmt: str) -> None:
+    """Save ``tensors`` with ``metadata`` (each value JSON-encoded) under the format marker ``fmt``."""
+    if "format" in metadata:
+        raise ValueError("save_adapter: metadata key 'format' is reserved for the file format")
+    header = {key: json.dumps(value) for key, value in metadata.items()} | {"format": fmt}
+    save_file(tensors, str(path), metadata=header)
+
+
+def read_adapter(path: str | Path, fmt: str, description: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """Decoded metadata and all tensors of an adapter file in format ``fmt``, or ``AdapterError``.
+
+    ``description`` names the expected kind of file in the error for a foreign one
+    ("not a speft sparse-delta adapter").
+    """
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except FileNotFoundError:
+        raise AdapterError(f"{path}: no such adapter file") from None
+    except Exception as err:  # safetensors raises its own error types for every malformed input
+        raise AdapterError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err})") from None
+    if header.get("format") != fmt:
+        raise AdapterError(f"{path}: not a {description} adapter (metadata format={header.get('format')!r}, "
+                           f"expected {fmt!r})")
+    try:
+        metadata = {key: json.loads(value) for key, value in header.items() if key != "format"}
+    except json.JSONDecodeError as err:
+        raise AdapterError(f"{path}: metadata is not JSON-encoded ({err})") from None
+    return metadata, tensors
+
+
+def check_origin(path: str | Path, metadata: dict[str, Any], model_id: str | None, targets: list[str] | None) -> None:
+    """``AdapterError`` when the metadata names another model or other targets than the given ones."""
+    if model_id is not None and metadata.get("model") != model_id:
+        raise AdapterError(f"{path}: adapter was trained on model {metadata.get('model')!r}, not {model_id!r}")
+    if targets is not None and metadata.get("targets") != list(targets):
+        raise AdapterError(f"{path}: adapter targets {metadata.get('targets')!r}, expected {list(targets)!r}")
+
+
+def layer_names(path: str | Path, tensors: dict[str, Tensor], parts: Sequence[str]) -> list[str]:
+    """Sorted layer names of the file; each layer must have exactly one tensor per suffix in ``parts``."""
+    names = {key.rsplit(".", 1)[0] for key in tensors}
+    if not names:
+        raise AdapterError(f"{path}: adapter holds no layers")
+    for key in tensors:
+        if not key.endswith(tuple(parts)):
+            expected = " and ".join(f"'<layer>{part}'" for part in parts)
+            raise AdapterError(f"{path}: unexpected tensor {key!r} (expected {expected})")
+    for name in sorted(names):
+        for part in parts:
+            if name + part not in tensors:
+                raise AdapterError(f"{path}: layer {name!r} has no {part[1:]} tensor")
+    return sorted(names)
+
+
+def wrap_linears(model: nn.Module, names, wrap) -> dict[str, nn.Module]:
+    """Replace each named ``nn.Linear`` in place by ``wrap(name, linear)``; return the wrappers.
+
+    Every name is checked, and every wrapper built, before any module is replaced: a bad name or a
+    wrapper that refuses its arguments leaves the model as it was.
+    """
+    for name in names:
+        module = submodule(model, name)
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"{name!r} is not an nn.Linear of the model ({module_kind(module)}); linear layers are "
+                             f"{', '.join(linear_names(model))}")
+    layers = {name: wrap(name, model.get_submodule(name)) for name in names}
+    for name, layer in layers.items():
+        model.set_submodule(name, layer)
+    return layers
+
+
+def modules_of_type(model: nn.Module, kind: type) -> dict[str, nn.Module]:
+    """The modules of ``model`` that are ``kind``, by name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, kind)}

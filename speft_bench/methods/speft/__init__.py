@@ -1,0 +1,92 @@
+"""SPEFT (Liu et al., 2024): train a sparse additive delta θ = θ0 + θsp on the target linears.
+
+The entries of θsp are the top-k of a salience metric computed on calibration batches (Algorithm 1),
+ranked globally or per layer.  With a dynamic mask, every ``masking.interval`` steps the delta is
+merged into θ0, salience is recomputed on fresh batches, a new mask is chosen and the optimizer
+state of the sparse values is reset (section 3.4).
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Any
+
+from torch import nn
+
+from speft_bench.masking import SELECTORS, budget_from_density, density_per_layer, lora_param_count, mask_overlap
+from speft_bench.methods import METHODS, Method, MethodContext, Prepared, freeze_all_but
+from speft_bench.methods.speft.layer import SparseDeltaLinear
+from speft_bench.methods.speft.model import attach_sparse_deltas
+from speft_bench.models import head_parameters, targets_for
+from speft_bench.salience import SALIENCE_METRICS, compute_salience
+from speft_bench.schemas import ConfigError
+
+
+@contextmanager
+def plain_linears(model: nn.Module, layers: dict[str, SparseDeltaLinear]):
+    """Put the (merged) base linears back in place, so salience sees ordinary weights."""
+    for name, layer in layers.items():
+        model.set_submodule(name, layer.base)
+    try:
+        yield
+    finally:
+        for name, layer in layers.items():
+            model.set_submodule(name, layer)
+
+
+@METHODS.register("speft")
+class SPEFT(Method):
+    @classmethod
+    def check(cls, cfg, typed) -> None:
+        metric = typed["metric"].name
+        if metric not in SALIENCE_METRICS:
+            raise ConfigError(f"method=speft needs a salience metric: metric must be one of "
+                              f"{', '.join(SALIENCE_METRICS.names())}; got {metric!r}")
+
+    def prepare(self, model: nn.Module, ctx: MethodContext) -> Prepared:
+        spec, masking, metric = ctx.typed["method"], ctx.typed["masking"], ctx.typed["metric"]
+        targets = targets_for(model, ctx.typed["model"], spec.targets)
+        shapes = {name: tuple(m.weight.shape) for name, m in targets.items()}
+        k = lora_param_count(shapes, spec.lora_rank) if spec.lora_rank else budget_from_density(shapes, spec.density)
+        options = {key: value for key, value in vars(metric).items() if key != "name"}
+
+        def choose(round_: int) -> tuple[dict[str, Any], dict[str, float]]:
+            start = time.perf_counter()
+            batches = ctx.calibration_batches(round_, spec.calibration_examples, spec.calibration_batch_size)
+            scores = compute_salience(metric.name, model, {n: m.weight for n, m in targets.items()}, batches, **options)
+            indices = SELECTORS[masking.scope](scores, k)
+            return indices, {"salience_s": round(time.perf_counter() - start, 3), "examples": sum(len(b["labels"]) for b in batches)}
+
+        model.requires_grad_(False)
+        indices, cost = choose(0)
+        layers = attach_sparse_deltas(model, indices)
+        trainable = {f"{name}.values": layer.values for name, layer in layers.items()}
+        if spec.train_head:
+            trainable |= head_parameters(model)
+        freeze_all_but(model, trainable)
+        total = sum(a * b for a, b in shapes.values())
+        info: dict[str, Any] = {
+            "budget": k, "target_weights": total, "density": k / total, "target_modules": len(layers),
+            "budget_rule": f"lora_rank={spec.lora_rank}" if spec.lora_rank else f"density={spec.density}",
+            "calibration": cost, "density_per_layer": density_per_layer(indices, shapes), "refreshes": [],
+        }
+        if not masking.dynamic:
+            return Prepared(model, info)
+
+        def refresh(step: int, optimizer) -> None:
+            nonlocal indices
+            if step == 0 or step % masking.interval:
+                return
+            for layer in layers.values():
+                layer.merge()  # Algorithm 1 line 5: θ ← θ + θsp, θsp ← 0
+            with plain_linears(model, layers):
+                new, cost = choose(step // masking.interval)
+            for name, layer in layers.items():
+                layer.set_mask(new[name])
+                optimizer.state.pop(layer.values, None)  # no stale Adam moments on new entries
+            model.train()
+            info["refreshes"].append({"step": step, "overlap": mask_overlap(indices, new), **cost})
+            indices = new
+
+        return Prepared(model, info, on_step=refresh)

@@ -1,0 +1,102 @@
+"""SPSFT (structured-pruning-based sparse fine-tuning): train the most important output rows.
+
+Per target linear, a structured-pruning importance score (``metric``: l2, taylor, qm_taylor; see
+``importance.py``) ranks the output neurons; the top r rows get a trainable, zero-initialised delta
+W_f (r × d_in) applied through the fixed row selection M (``layer.py``).  The budget is r rows per
+layer (the paper sets r = 2R against LoRA rank R for similar trainable counts) or a ``fraction`` of
+each layer's rows (the paper's 5 %).  Optionally the blocks' norm layers train too (LoRA cannot).
+Parameter-dependency grouping (paper §4.3, appendix B) is left out: the paper finds it not worth it.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import Counter
+from typing import Any
+
+import torch
+from torch import nn
+
+from speft_bench.methods import METHODS, Method, MethodContext, Prepared, freeze_all_but
+from speft_bench.methods.spsft.importance import IMPORTANCE, neuron_importance, top_rows
+from speft_bench.methods.spsft.model import attach_row_deltas
+from speft_bench.models import head_parameters, targets_for
+from speft_bench.schemas import ConfigError, SpsftSchema, TaskKind
+
+_BLOCK = re.compile(r"(.*\.\d+)\.")  # "bert.encoder.layer.3.attention..." -> "bert.encoder.layer.3"
+
+
+def rows_per_layer(spec: SpsftSchema, name: str, d_out: int) -> int:
+    """Rows to train in a layer with d_out outputs: ``method.r``, or round(fraction · d_out) ≥ 1."""
+    if spec.fraction is not None:
+        return max(1, round(spec.fraction * d_out))
+    if spec.r > d_out:
+        raise ConfigError(f"method.r={spec.r} exceeds the {d_out} output rows of {name}; use a smaller method.r "
+                          f"or method.fraction")
+    return spec.r
+
+
+def is_norm(module: nn.Module) -> bool:
+    """LayerNorm or RMSNorm, including the models' own classes (LlamaRMSNorm, DeBERTa's LayerNorm, …)."""
+    return isinstance(module, nn.LayerNorm) or type(module).__name__.endswith(("LayerNorm", "RMSNorm"))
+
+
+def block_norm_parameters(model: nn.Module, targets: dict[str, nn.Module]) -> dict[str, nn.Parameter]:
+    """Weights and biases of the norm layers inside the transformer blocks that hold the targets.
+
+    A block is the module path up to the last layer index of a target name (``….layer.3``), so
+    embedding and final norms, which sit outside the blocks, stay frozen.
+    """
+    blocks = tuple({match.group(1) + "." for name in targets if (match := _BLOCK.match(name))})
+    return {f"{name}.{p_name}": p for name, m in model.named_modules() if name.startswith(blocks) and is_norm(m)
+            for p_name, p in m.named_parameters(recurse=False)}
+
+
+@METHODS.register("spsft")
+class SPSFT(Method):
+    @classmethod
+    def check(cls, cfg, typed) -> None:
+        metric, task = typed["metric"].name, typed["task"]
+        if metric not in IMPORTANCE:
+            raise ConfigError(f"method=spsft needs a neuron-importance metric: metric must be one of "
+                              f"{', '.join(IMPORTANCE.names())}; got {metric!r}")
+        if IMPORTANCE[metric].classification_only and (task.kind is not TaskKind.glue or task.is_regression):
+            raise ConfigError(f"metric={metric} ranks neurons per label and needs a classification task; "
+                              f"task={task.name} is not one (use metric=taylor or metric=l2)")
+
+    def prepare(self, model: nn.Module, ctx: MethodContext) -> Prepared:
+        spec, metric = ctx.typed["method"], ctx.typed["metric"]
+        targets = targets_for(model, ctx.typed["model"], spec.targets)
+        budget = {name: rows_per_layer(spec, name, m.out_features) for name, m in targets.items()}
+        options = {key: value for key, value in vars(metric).items() if key != "name"}
+
+        start = time.perf_counter()
+        batches = []
+        if IMPORTANCE[metric.name].needs_data:
+            batches = ctx.calibration_batches(0, spec.calibration_examples, spec.calibration_batch_size)
+        scores = neuron_importance(metric.name, model, {n: m.weight for n, m in targets.items()}, batches, **options)
+        rows = {name: top_rows(scores[name], budget[name]) for name in targets}
+        calibration = {"importance_s": round(time.perf_counter() - start, 3),
+                       "examples": sum(len(b["labels"]) for b in batches)}
+        if IMPORTANCE[metric.name].classification_only:
+            labels = Counter(torch.cat([b["labels"] for b in batches]).tolist())
+            calibration["examples_per_label"] = {str(int(label)): n for label, n in sorted(labels.items())}
+
+        model.requires_grad_(False)
+        layers = attach_row_deltas(model, rows)
+        groups = {"row_deltas": {f"{name}.delta": layer.delta for name, layer in layers.items()},
+                  "norms": block_norm_parameters(model, targets) if spec.train_norms else {},
+                  "head": head_parameters(model) if spec.train_head else {}}
+        freeze_all_but(model, {name: p for group in groups.values() for name, p in group.items()})
+        info: dict[str, Any] = {
+            "metric": metric.name,
+            "budget_rule": f"fraction={spec.fraction}" if spec.fraction is not None else f"r={spec.r}",
+            "targets": {"scope": spec.targets.name, "modules": len(layers),
+                        "pattern": ctx.typed["model"].targets[spec.targets.name]},
+            "rows_per_layer": {name: layer.r for name, layer in layers.items()},
+            "trainable": {group: sum(p.numel() for p in params.values()) for group, params in groups.items()},
+            "calibration": calibration,
+        }
+        info["trainable"]["total"] = sum(info["trainable"].values())
+        return Prepared(model, info)

@@ -1,0 +1,11 @@
+"""FORCE −E[g] ⊙ θ: foresight connection sensitivity, signed (de Jorge et al. 2021).
+
+Signed on purpose: entries whose first-order change would *lower* the loss rank highest.
+"""
+
+from speft_bench.salience import SALIENCE_METRICS, Scores, mean_gradients
+
+
+@SALIENCE_METRICS.register("force")
+def force(model, weights, batches) -> Scores:
+    return {name: -g * weights[name].detach() for name, g in mean_gradients(model, weights, batches).items()}

@@ -1,0 +1,8 @@
+"""Gradient |E[∂ℓ/∂θ]|: the SPEFT paper's recommended metric."""
+
+from speft_bench.salience import SALIENCE_METRICS, Scores, mean_gradients
+
+
+@SALIENCE_METRICS.register("gradient")
+def gradient(model, weights, batches) -> Scores:
+    return {name: g.abs() for name, g in mean_gradients(model, weights, batches).items()}

@@ -1,0 +1,12 @@
+"""Taylor-FO (E[g] ⊙ θ)² (Molchanov et al. 2019).
+
+It ranks exactly as SNIP does (a square of the same magnitude), which is why the SPEFT paper's
+SNIP and Taylor-FO rows are identical; both are kept for the tables.
+"""
+
+from speft_bench.salience import SALIENCE_METRICS, Scores, mean_gradients
+
+
+@SALIENCE_METRICS.register("taylor_fo")
+def taylor_fo(model, weights, batches) -> Scores:
+    return {name: (g * weights[name].detach()).square() for name, g in mean_gradients(model, weights, batches).items()}

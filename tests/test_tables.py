@@ -1,0 +1,155 @@
+"""Records → tables on hand-built records with exact cells; every spec and paper CSV is well-formed."""
+
+import json
+import math
+import re
+
+import pandas as pd
+import pytest
+import yaml
+
+from speft_bench.tables import (PAPER_DIR, TABLES_CONF, Column, PaperRow, Row, TableSpec, build_table, load_paper,
+                                load_records, load_specs, paper_value, render, write_tables)
+
+from conftest import CONF, ROOT
+
+PAPER_TEXTS = {"SPEFT": "speft-salience-aware-sparse-finetuning.txt",
+               "SPSFT": "spsft-structured-pruning-sparse-finetuning.txt"}
+PAPER_COLUMNS = ["paper", "table", "model", "row", "column", "value", "std", "unit", "source_line"]
+
+
+def record(method, task, seed, score, *, metric="none", status="completed", model="minilm_l6", **method_knobs):
+    """A run record with only the fields tables read; ``score`` is the task's main metric, a fraction."""
+    main = {"mrpc": "accuracy", "stsb": "pearson"}[task]
+    return {"status": status, "run_dir": f"runs/{method}/{task}/seed{seed}",
+            "config": {"model": {"name": model}, "task": {"name": task}, "method": {"name": method, **method_knobs},
+                       "metric": {"name": metric}, "masking": {"name": "static_global"}, "train": {"seed": seed}},
+            "metrics": {main: score} if status == "completed" else {}, "main_metric": main}
+
+
+SPEC = TableSpec(
+    name="toy", title="Toy", model="minilm_l6", reference="a toy paper.",
+    columns=(Column("MRPC", "mrpc", "accuracy", paper="MRPC"), Column("STS-B", "stsb", "pearson", paper="STS-B")),
+    rows=(Row("LoRA", {"method.name": "lora"}, PaperRow("toy_table", "BERT", "LoRA")),
+          Row("Gradient", {"method.name": "speft", "metric.name": "gradient"}),
+          Row("PiSSA", {"method.name": "pissa"}),
+          Row("DoRA", {"method.name": "dora"})))
+PAPER = pd.DataFrame({"table_id": "toy_table", "model": "BERT", "row": "LoRA", "column": ["MRPC", "STS-B"],
+                      "value": [80.0, 70.5]})
+RECORDS = [
+    record("lora", "mrpc", 0, 0.80), record("lora", "mrpc", 1, 0.82),
+    record("lora", "stsb", 0, 0.70), record("lora", "stsb", 1, 0.74),
+    record("speft", "mrpc", 0, 0.85, metric="gradient"), record("speft", "stsb", 0, 0.71, metric="gradient"),
+    record("speft", "mrpc", 0, 0.99, metric="snip"),      # another row's run
+    record("lora", "mrpc", 0, 0.99, model="opt_125m"),   # another model's run
+    record("pissa", "mrpc", 0, 0.90), record("pissa", "mrpc", 1, 0.0, status="failed"),
+    record("pissa", "stsb", 0, 0.60),
+]
+
+
+@pytest.fixture(scope="module")
+def table():
+    return build_table(SPEC, RECORDS, PAPER).set_index(["row", "column"])
+
+
+def test_cells_are_mean_and_sample_std_over_seeds(table):
+    lora = table.loc[("LoRA", "MRPC")]
+    assert (lora.status, lora.n, lora["mean"]) == ("ok", 2, pytest.approx(81.0))
+    assert lora["std"] == pytest.approx(math.sqrt(2))  # ddof=1: |80 − 82| / √2
+    assert math.isnan(table.loc[("Gradient", "MRPC"), "std"])  # one seed: no ±
+
+
+def test_failed_and_missing_cells_carry_no_number(table):
+    assert table.loc[("PiSSA", "MRPC"), "status"] == "failed" and math.isnan(table.loc[("PiSSA", "MRPC"), "mean"])
+    assert table.loc[("DoRA", "MRPC"), "status"] == "missing"
+    assert table.loc[("PiSSA", "Avg."), "status"] == "missing"  # no average over a failed task
+
+
+def test_average_best_wins_and_paper_difference(table):
+    avg = table.loc[("LoRA", "Avg.")]
+    assert (avg["mean"], avg["std"]) == (pytest.approx(76.5), pytest.approx((math.sqrt(2) + math.sqrt(8)) / 2))
+    assert table.loc[("Gradient", "Avg."), "mean"] == pytest.approx(78.0)
+    assert set(table.best[table.best].index) == {("Gradient", "MRPC"), ("LoRA", "STS-B"), ("Gradient", "Avg.")}
+    assert table.wins.groupby("row").first().to_dict() == {"LoRA": 1, "Gradient": 1, "PiSSA": 0, "DoRA": 0}
+    assert table.loc[("LoRA", "MRPC"), "diff"] == pytest.approx(1.0)
+    assert table.loc[("LoRA", "Avg."), "paper"] == pytest.approx(75.25)
+    assert math.isnan(table.loc[("Gradient", "MRPC"), "paper"])
+
+
+def test_markdown_cells():
+    md = render(SPEC, build_table(SPEC, RECORDS, PAPER), "md")
+    assert "| LoRA | 81.00 ± 1.41 | **72.00 ± 2.83** | 76.50 ± 2.12 | 1 |" in md
+    assert "| Gradient | **85.00** | 71.00 | **78.00** | 1 |" in md
+    assert "| PiSSA | failed | 60.00 | — | 0 |" in md
+    assert "| DoRA | — | — | — | 0 |" in md
+    assert "| LoRA | toy_table: BERT, LoRA | 80.00 (+1.00) | 70.50 (+1.50) | 75.25 (+1.25) |" in md
+    tex = render(SPEC, build_table(SPEC, RECORDS, PAPER), "tex")
+    assert r"LoRA & 81.00 $\pm$ 1.41 & \textbf{72.00 $\pm$ 2.83} & 76.50 $\pm$ 2.12 & 1 \\" in tex
+
+
+def test_ties_are_all_bold_and_a_later_run_replaces_its_seed():
+    records = [record("lora", "mrpc", 0, 0.5), record("lora", "mrpc", 0, 0.9),  # re-run of seed 0
+               record("speft", "mrpc", 0, 0.90004, metric="gradient")]
+    table = build_table(SPEC, records, PAPER).set_index(["row", "column"])
+    assert (table.loc[("LoRA", "MRPC"), "mean"], table.loc[("LoRA", "MRPC"), "n"]) == (pytest.approx(90.0), 1)
+    assert table.loc[("LoRA", "MRPC"), "best"] and table.loc[("Gradient", "MRPC"), "best"]
+
+
+def test_one_cell_never_pools_two_settings():
+    records = [record("lora", "mrpc", 0, 0.8, r=8), record("lora", "mrpc", 1, 0.8, r=4)]
+    with pytest.raises(ValueError, match=r"'LoRA', column 'MRPC'.*\['method.r'\]"):
+        build_table(SPEC, records, PAPER)
+
+
+def test_write_tables_skips_unreadable_records(tmp_path):
+    for i, rec in enumerate(RECORDS):
+        (tmp_path / "runs" / str(i)).mkdir(parents=True)
+        (tmp_path / "runs" / str(i) / "record.json").write_text(json.dumps(rec))
+    (tmp_path / "runs" / "broken").mkdir()
+    (tmp_path / "runs" / "broken" / "record.json").write_text('{"status": "compl')
+    with pytest.warns(UserWarning, match="broken"):
+        assert len(load_records(tmp_path / "runs")) == len(RECORDS)
+    paper_dir = tmp_path / "paper"
+    paper_dir.mkdir()
+    PAPER.drop(columns="table_id").to_csv(paper_dir / "toy_table.csv", index=False)
+    with pytest.warns(UserWarning):
+        written = write_tables(tmp_path / "runs", tmp_path / "tables", [SPEC], paper_dir)
+    assert sorted(p.name for p in written) == ["toy.csv", "toy.md", "toy.tex"]
+    assert "80.00 (+1.00)" in (tmp_path / "tables" / "toy.md").read_text()
+
+
+def test_bad_spec_key_names_the_allowed_ones(tmp_path):
+    (tmp_path / "bad.yaml").write_text("name: bad\ntitle: t\nmodel: m\ncolumns: []\nrows: []\ncolour: red\n")
+    with pytest.raises(ValueError, match=r"unknown keys \['colour'\]; allowed: \['name', 'title'"):
+        load_specs(tmp_path)
+
+
+@pytest.mark.parametrize("spec", load_specs(TABLES_CONF), ids=lambda s: s.name)
+def test_every_spec_loads_and_its_references_exist(spec):
+    paper = load_paper(PAPER_DIR)
+    assert TABLES_CONF.joinpath(f"{spec.name}.yaml").exists()  # file named like the table
+    for col in spec.columns:
+        task = yaml.safe_load((CONF / "task" / f"{col.task}.yaml").read_text())
+        assert col.metric in task["metrics"], (col, task["metrics"])
+    referenced = [paper_value(paper, row.paper, col.paper) for row in spec.rows for col in spec.columns
+                  if row.paper is not None and col.paper is not None]
+    assert referenced and all(math.isfinite(v) for v in referenced)
+
+
+@pytest.mark.parametrize("path", sorted(PAPER_DIR.glob("*.csv")), ids=lambda p: p.stem)
+def test_paper_csvs_are_numeric_and_trace_to_their_source_line(path):
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    assert df.columns.tolist() == PAPER_COLUMNS and len(df) > 0
+    paper, number = re.fullmatch(r"(speft|spsft)_table(\d+)", path.stem).groups()
+    assert set(df.paper) == {paper.upper()} and set(df.table) == {number}
+    values = pd.to_numeric(df.value)  # raises on a non-number
+    stds = pd.to_numeric(df["std"].replace("", float("nan")))
+    assert values.notna().all() and (stds.dropna() >= 0).all()
+    assert not df.duplicated(["model", "row", "column"]).any()
+    source = ROOT.parent / "shared" / "papers" / PAPER_TEXTS[paper.upper()]
+    if not source.exists():
+        pytest.skip(f"paper text not found at {source}")
+    lines = source.read_text().split("\n")
+    for _, cell in df.iterrows():
+        printed = {float(x) for x in re.findall(r"\d*\.\d+|\d+", lines[int(cell.source_line) - 1])}
+        assert float(cell.value) in printed and (not cell["std"] or float(cell["std"]) in printed), dict(cell)
