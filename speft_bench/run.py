@@ -26,12 +26,13 @@ from speft_bench import records
 from speft_bench.errors import NonFiniteError
 from speft_bench.loggers import RunLogger
 from speft_bench.methods import METHODS, MethodContext
-from speft_bench.models import parameter_counts, resolve_pretrained
+from speft_bench.models import load_tokenizer, parameter_counts, resolve_pretrained
 from speft_bench.progress import progress
 from speft_bench.schemas import TrainSchema, validate
 from speft_bench.tasks import TASK_KINDS
 
 log = logging.getLogger(__name__)
+ADAPTER_NAME = "adapter.safetensors"
 
 
 def seed_everything(spec: TrainSchema) -> dict[str, Any]:
@@ -123,10 +124,12 @@ def run(cfg: DictConfig, run_dir: Path, command: str | None = None) -> dict[str,
     record["determinism"] = seed_everything(spec_train)
 
     kind = TASK_KINDS[spec_task.kind.name](spec_task, paths)
-    with timer("load"):
-        model, tokenizer = kind.load_model(spec_model)
+    with timer("load"):  # cheap checks first: a missing model folder or data file fails before the weights load
+        source = resolve_pretrained(spec_model, paths.cache_dir)
+        tokenizer = load_tokenizer(source, spec_model)
         data = kind.load_data(tokenizer)
-    record["model"] = {"name": spec_model.name, "label": spec_model.label, "source": resolve_pretrained(spec_model, paths.cache_dir)}
+        model = kind.load_model(spec_model, source, tokenizer)
+    record["model"] = {"name": spec_model.name, "label": spec_model.label, "source": source}
     record["data"] = data.record
 
     ctx = MethodContext(cfg, typed, calibration_sampler(data.train, data.collate, spec_train.seed))
@@ -144,6 +147,10 @@ def run(cfg: DictConfig, run_dir: Path, command: str | None = None) -> dict[str,
             record["train"] = train(model, loader, spec_train, prepared.on_step, logger)
         with timer("evaluate"):
             record |= kind.evaluate(model, tokenizer, spec_train)  # metrics (+ main metric, baselines, lm-eval output)
+        if prepared.save is not None:  # git-ignored: records are committed, weights never
+            run_dir.mkdir(parents=True, exist_ok=True)
+            prepared.save(run_dir / ADAPTER_NAME)
+            record["adapter"] = ADAPTER_NAME
         logger.log({f"dev/{k}": v for k, v in record["metrics"].items()}, record["train"]["steps"])
         record["status"] = "completed"
     except NonFiniteError as err:

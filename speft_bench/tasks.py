@@ -5,8 +5,8 @@
 - ``instruct``: instruction fine-tuning of a causal LM with the loss on response tokens; scored by
   lm-evaluation-harness on the fine-tuned model in memory.
 
-The recipe (``run.py``) calls the same four steps for every kind: ``load_model``, ``load_data``,
-(training), ``evaluate``.  Every batch is ``{input_ids, attention_mask, labels}``, so methods and
+The recipe (``run.py``) calls the same steps for every kind: ``load_data`` (with the tokenizer, before
+the weights, so missing data fails in seconds), ``load_model``, (training), ``evaluate``.  Every batch is ``{input_ids, attention_mask, labels}``, so methods and
 salience metrics work on either kind through ``model(**batch).loss``.
 """
 
@@ -39,7 +39,7 @@ class Kind:
     def check(cls, typed: dict[str, Any]) -> None:
         """Cross-group rules, run by ``schemas.validate`` before anything loads."""
 
-    def load_model(self, model_spec) -> tuple[torch.nn.Module, Any]:
+    def load_model(self, model_spec, source: str, tokenizer) -> torch.nn.Module:
         raise NotImplementedError
 
     def load_data(self, tokenizer) -> TaskData:
@@ -55,10 +55,10 @@ TASK_KINDS: Registry[type[Kind]] = Registry("task.kind")
 
 @TASK_KINDS.register("glue")
 class Glue(Kind):
-    def load_model(self, model_spec):
+    def load_model(self, model_spec, source, tokenizer):
         from speft_bench.models import load_model
 
-        return load_model(model_spec, self.spec, self.paths.cache_dir)
+        return load_model(model_spec, self.spec, source, tokenizer)
 
     def load_data(self, tokenizer) -> TaskData:
         from transformers import DataCollatorWithPadding
@@ -112,10 +112,10 @@ class Instruct(Kind):
                 raise ConfigError(f"task.eval.{knob}: unknown tasks {unknown}; allowed values: {', '.join(shown)}")
         check_code_execution(task.eval)
 
-    def load_model(self, model_spec):
+    def load_model(self, model_spec, source, tokenizer):
         from speft_bench.models import load_causal_lm
 
-        return load_causal_lm(model_spec, self.paths.cache_dir)
+        return load_causal_lm(model_spec, source)
 
     def load_data(self, tokenizer) -> TaskData:
         from speft_bench.data.instruct import PadCollator, TokenizedInstruct, load_instruct

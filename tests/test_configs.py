@@ -64,37 +64,76 @@ def test_required_axes_have_no_default():
         compose_config("task=mrpc")
 
 
-# (overrides, exception type, message fragment naming the knob or the allowed values)
+# (overrides, exception type, message fragment naming the knob or the allowed values).  task=mrpc and
+# method=lora are added unless an entry picks its own task or method.
 BAD_CONFIGS = [
+    # unknown options of every group
     (["task=nope"], MissingConfigException, "Available options in 'task'"),
     (["method=nope"], MissingConfigException, "Available options in 'method'"),
     (["model=nope"], MissingConfigException, "Available options in 'model'"),
     (["metric=nope"], MissingConfigException, "Available options in 'metric'"),
     (["masking=nope"], MissingConfigException, "Available options in 'masking'"),
+    (["experiment=nope"], MissingConfigException, "Available options in 'experiment'"),
+    (["hydra/launcher=nope"], MissingConfigException, "Available options in 'hydra/launcher'"),
+    (["unknown_knob=1"], ConfigCompositionException, "Key 'unknown_knob' is not in struct"),
+    (["method.rank=8"], ConfigCompositionException, "method.rank"),
+    # wrong types and enum values
+    (["method.r=abc"], ConfigCompositionException, "'abc' of type 'str' could not be converted to Integer"),
+    (["method.init=svd"], ConfigCompositionException, "expected one of [gaussian, pissa]"),
+    (["logger.mode=loud"], ConfigCompositionException, "expected one of [disabled, offline, online]"),
+    (["model.family=rnn"], ConfigCompositionException, "expected one of [encoder, decoder]"),
+    (["resume=maybe"], ConfigError, "resume must be true or false, got 'maybe'"),
+    # ranges
     (["method.r=-4"], ConfigError, "method.r must be > 0, got -4"),
     (["method.r=0"], ConfigError, "method.r must be > 0, got 0"),
-    (["method.r=abc"], ConfigCompositionException, "'abc' of type 'str' could not be converted to Integer"),
-    (["method.rank=8"], ConfigCompositionException, "method.rank"),
-    (["method.init=svd"], ConfigCompositionException, "expected one of [gaussian, pissa]"),
+    (["method.alpha=0"], ConfigError, "method.alpha must be > 0, got 0"),
     (["method.dropout=1.5"], ConfigError, "method.dropout must be in [0, 1)"),
     (["train.lr=-1"], ConfigError, "train.lr must be > 0"),
     (["train.batch_size=0"], ConfigError, "train.batch_size must be > 0"),
     (["train.max_steps=-5"], ConfigError, "train.max_steps must be > 0"),
     (["train.epochs=0"], ConfigError, "train.epochs must be > 0"),
     (["train.warmup_ratio=1.5"], ConfigError, "train.warmup_ratio must be in [0, 1)"),
+    (["train.seed=-1"], ConfigError, "train.seed must be >= 0, got -1"),
     (["train.optimizer=sgd"], ConfigError, "train.optimizer must be one of ['adamw']"),
     (["masking.interval=0"], ConfigError, "masking.interval must be > 0"),
-    (["logger.mode=loud"], ConfigCompositionException, "expected one of [disabled, offline, online]"),
-    (["model.family=rnn"], ConfigCompositionException, "expected one of [encoder, decoder]"),
     (["task.train_limit=0"], ConfigError, "task.train_limit must be > 0"),
-    (["unknown_knob=1"], ConfigCompositionException, "Key 'unknown_knob' is not in struct"),
+    (["task.max_length=0"], ConfigError, "task.max_length must be > 0"),
+    # SPEFT
+    (["method=speft"], ConfigError, "method=speft needs a salience metric: metric must be one of fisher, force, gradient"),
+    (["method=speft", "metric=qm_taylor"], ConfigError, "method=speft needs a salience metric"),
+    (["method=speft", "metric=gradient", "method.density=0.01"], ConfigError, "method.lora_rank and method.density: set exactly one"),
+    (["method=speft", "metric=gradient", "method.lora_rank=null", "method.density=0"], ConfigError,
+     "method.density must be in (0, 1], got 0"),
+    (["method=speft", "metric=gradient", "method.lora_rank=null", "method.density=1.5"], ConfigError,
+     "method.density must be in (0, 1], got 1.5"),
+    (["method=speft", "metric=gradient", "method.lora_rank=0"], ConfigError, "method.lora_rank must be > 0"),
+    (["method=speft", "metric=fisher", "metric.micro_batch=0"], ConfigError, "metric.micro_batch must be > 0"),
+    # SPSFT
+    (["method=spsft", "metric=gradient"], ConfigError, "metric must be one of l2, qm_taylor, taylor; got 'gradient'"),
+    (["method=spsft", "metric=qm_taylor", "task=stsb"], ConfigError, "metric=qm_taylor ranks neurons per label and needs a classification task"),
+    (["method=spsft", "metric=l2", "method.r=null", "method.fraction=1.5"], ConfigError, "method.fraction must be in (0, 1], got 1.5"),
+    # baselines and task kinds
+    (["metric=gradient"], ConfigError, "metric='gradient' is not valid for method='lora'; allowed: none"),
+    (["task=gsm8k"], ConfigError, "model.family must be decoder; model=minilm_l6 is an encoder"),
+    (["task=gsm8k", "model=smollm2_135m", "method=head"], ConfigError, "method=head trains only a classification head"),
+    (["task=gsm8k", "model=smollm2_135m", "task.eval.tasks=[humaneval]"], ConfigError, "allow_code_execution"),
+    (["task=gsm8k", "model=smollm2_135m", "task.eval.tasks=[mmlu_nope]"], ConfigError, "task.eval.tasks: unknown tasks ['mmlu_nope']"),
 ]
 
 
-@pytest.mark.parametrize(("overrides", "error", "message"), BAD_CONFIGS, ids=lambda v: str(v)[:40])
+def with_required(overrides: list[str]) -> list[str]:
+    chosen = {o.split("=", 1)[0] for o in overrides}
+    return [r for r in REQUIRED if r.split("=", 1)[0] not in chosen] + overrides
+
+
+def test_the_bad_config_table_is_large():
+    assert len(BAD_CONFIGS) >= 40
+
+
+@pytest.mark.parametrize(("overrides", "error", "message"), BAD_CONFIGS, ids=lambda v: str(v)[:60])
 def test_bad_config_is_rejected_with_a_clear_message(overrides, error, message):
     with pytest.raises(error) as caught:
-        validate(compose_config(*REQUIRED, *overrides))
+        validate(compose_config(*with_required(overrides)))
     assert message in chained_message(caught.value)
 
 

@@ -67,7 +67,7 @@ def test_padding_is_masked_but_the_real_eos_is_learned(tokenizer):
 def test_model_loss_is_the_mean_over_response_tokens(tokenizer):
     """model(**batch).loss = cross-entropy over response tokens only; padding changes no real logit."""
     typed = validate(compose_config("task=gsm8k", "method=lora", *SMOLLM2))
-    model, _ = load_causal_lm(typed["model"], typed["paths"].cache_dir)
+    model = load_causal_lm(typed["model"], resolve_pretrained(typed["model"], typed["paths"].cache_dir))
     short = tokenize(Example("Add 2 and 3.", "", "5"), tokenizer, 512)
     long = tokenize(Example("Name a colour.", "The sky", "Blue."), tokenizer, 512)
     batch = PadCollator(tokenizer.pad_token_id)([short, long])

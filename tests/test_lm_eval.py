@@ -8,7 +8,7 @@ import pytest
 
 from speft_bench.data.sources import default_data_root, load_source
 from speft_bench.evaluation import lm_eval as bridge
-from speft_bench.models import ModelSourceError, load_causal_lm
+from speft_bench.models import ModelSourceError, load_causal_lm, load_tokenizer, resolve_pretrained
 from speft_bench.schemas import ConfigError, LmEvalSchema, validate
 
 from conftest import compose_config
@@ -62,7 +62,8 @@ def test_code_tasks_and_piqa_labels_read_from_their_original_files():
 @pytest.fixture(scope="module")
 def smollm2():
     typed = validate(compose_config("task=gsm8k", "method=lora", "model=smollm2_135m"))
-    return load_causal_lm(typed["model"], typed["paths"].cache_dir)
+    source = resolve_pretrained(typed["model"], typed["paths"].cache_dir)
+    return load_causal_lm(typed["model"], source), load_tokenizer(source, typed["model"])
 
 
 def test_tiny_evaluation_of_smollm2(smollm2):

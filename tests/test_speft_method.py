@@ -7,7 +7,6 @@ import torch
 
 from speft_bench.run import calibration_sampler, run
 from speft_bench.salience import SALIENCE_METRICS
-from speft_bench.schemas import ConfigError, validate
 
 from conftest import CONF, compose_config
 
@@ -54,19 +53,16 @@ def test_calibration_rounds_draw_fresh_examples():
     assert [len(b["labels"]) for b in first] == [8, 8]
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    (["metric=none"], "method=speft needs a salience metric: metric must be one of fisher, force, gradient"),
-    (["metric=gradient", "method.density=0.01"], "set exactly one"),
-    (["metric=gradient", "method.lora_rank=null", "method.density=1.5"], "method.density must be in (0, 1], got 1.5"),
-    (["metric=gradient", "method.lora_rank=0"], "method.lora_rank must be > 0"),
-    (["metric=fisher", "metric.micro_batch=0"], "metric.micro_batch must be > 0"),
-])
-def test_bad_speft_configs_name_the_knob(overrides, message):
-    with pytest.raises(ConfigError, match=None) as caught:
-        validate(compose_config("task=mrpc", "method=speft", *overrides))
-    assert message in str(caught.value)
+def test_a_static_run_saves_its_adapter_and_a_dynamic_one_says_why_not(tmp_path, minilm):
+    from speft_bench.methods.speft.model import load_adapter, sparse_deltas
 
-
-def test_baselines_reject_a_salience_metric():
-    with pytest.raises(ConfigError, match="metric='gradient' is not valid for method='lora'; allowed: none"):
-        validate(compose_config("task=mrpc", "method=lora", "metric=gradient"))
+    record = run(compose_config("method=speft", "metric=gradient", *TINY), tmp_path / "static")
+    assert record["adapter"] == "adapter.safetensors"
+    model = minilm()
+    metadata = load_adapter(tmp_path / "static" / "adapter.safetensors", model, model_id="minilm_l6")
+    assert metadata["budget"] == 331_776 and metadata["metric"] == "gradient"
+    layers = sparse_deltas(model)
+    assert len(layers) == 36 and sum(layer.k for layer in layers.values()) == 331_776
+    assert all(layer.values.abs().sum() > 0 for layer in layers.values())  # trained, not the zero init
+    dynamic = run(compose_config("method=speft", "metric=gradient", "masking=dynamic_global", *TINY), tmp_path / "dyn")
+    assert "adapter" not in dynamic and not (tmp_path / "dyn" / "adapter.safetensors").exists()

@@ -124,10 +124,14 @@ def test_bad_spec_key_names_the_allowed_ones(tmp_path):
         load_specs(tmp_path)
 
 
-@pytest.mark.parametrize("spec", load_specs(TABLES_CONF), ids=lambda s: s.name)
-def test_every_spec_loads_and_its_references_exist(spec):
+SPEC_FOLDERS = (TABLES_CONF, TABLES_CONF / "full_data")  # CPU twins; full-data comparisons (results/mrpc_full)
+
+
+@pytest.mark.parametrize(("folder", "spec"), [(f, s) for f in SPEC_FOLDERS for s in load_specs(f)],
+                         ids=lambda v: getattr(v, "name", ""))
+def test_every_spec_loads_and_its_references_exist(folder, spec):
     paper = load_paper(PAPER_DIR)
-    assert TABLES_CONF.joinpath(f"{spec.name}.yaml").exists()  # file named like the table
+    assert folder.joinpath(f"{spec.name}.yaml").exists()  # file named like the table
     for col in spec.columns:
         task = yaml.safe_load((CONF / "task" / f"{col.task}.yaml").read_text())
         assert col.metric in task["metrics"], (col, task["metrics"])

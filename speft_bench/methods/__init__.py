@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
@@ -29,15 +30,17 @@ class MethodContext:
 
 @dataclass
 class Prepared:
-    """A model ready to train, what the record should say about it, and an optional step hook.
+    """A model ready to train, what the record should say about it, and two optional hooks.
 
     ``on_step(step, optimizer)`` runs before each optimizer step is taken (dynamic masks use it to
-    re-select entries and reset the optimizer state of the ones that changed).
+    re-select entries and reset the optimizer state of the ones that changed).  ``save(path)`` writes
+    the trained adapter (sparse tuners; peft's own methods are saved with peft).
     """
 
     model: nn.Module
     info: dict[str, Any] = field(default_factory=dict)
     on_step: Callable[[int, Any], None] | None = None
+    save: Callable[[Path], None] | None = None
 
 
 class Method:

@@ -14,10 +14,11 @@ from typing import Any
 
 from torch import nn
 
-from speft_bench.masking import SELECTORS, budget_from_density, density_per_layer, lora_param_count, mask_overlap
+from speft_bench.masking import (SELECTORS, budget_from_density, density_per_layer, lora_param_count, mask_digest,
+                                 mask_overlap)
 from speft_bench.methods import METHODS, Method, MethodContext, Prepared, freeze_all_but
 from speft_bench.methods.speft.layer import SparseDeltaLinear
-from speft_bench.methods.speft.model import attach_sparse_deltas
+from speft_bench.methods.speft.model import attach_sparse_deltas, save_adapter
 from speft_bench.models import head_parameters, targets_for
 from speft_bench.salience import SALIENCE_METRICS, compute_salience
 from speft_bench.schemas import ConfigError
@@ -49,6 +50,10 @@ class SPEFT(Method):
         targets = targets_for(model, ctx.typed["model"], spec.targets)
         shapes = {name: tuple(m.weight.shape) for name, m in targets.items()}
         k = lora_param_count(shapes, spec.lora_rank) if spec.lora_rank else budget_from_density(shapes, spec.density)
+        total = sum(a * b for a, b in shapes.values())
+        if k > total:  # only LoRA's rank can overshoot: density ≤ 1 is checked by the schema
+            raise ConfigError(f"method.lora_rank={spec.lora_rank} asks for {k:,} trainable entries, more than the "
+                              f"{total:,} weights of the {len(shapes)} target linears of model={ctx.typed['model'].name}")
         options = {key: value for key, value in vars(metric).items() if key != "name"}
 
         def choose(round_: int) -> tuple[dict[str, Any], dict[str, float]]:
@@ -65,14 +70,17 @@ class SPEFT(Method):
         if spec.train_head:
             trainable |= head_parameters(model)
         freeze_all_but(model, trainable)
-        total = sum(a * b for a, b in shapes.values())
         info: dict[str, Any] = {
             "budget": k, "target_weights": total, "density": k / total, "target_modules": len(layers),
             "budget_rule": f"lora_rank={spec.lora_rank}" if spec.lora_rank else f"density={spec.density}",
-            "calibration": cost, "density_per_layer": density_per_layer(indices, shapes), "refreshes": [],
+            "salience": {"metric": metric.name, **options}, "calibration": cost, "mask_sha256": mask_digest(indices),
+            "density_per_layer": density_per_layer(indices, shapes), "refreshes": [],
         }
+        metadata = {"model": ctx.typed["model"].name, "targets": [ctx.typed["model"].targets[spec.targets.name]],
+                    "metric": metric.name, "masking": masking.name, "budget": k}
         if not masking.dynamic:
-            return Prepared(model, info)
+            return Prepared(model, info, save=lambda path: save_adapter(path, model, metadata))
+        # no adapter for dynamic masks: earlier rounds' deltas are merged into the base weights
 
         def refresh(step: int, optimizer) -> None:
             nonlocal indices
@@ -86,7 +94,8 @@ class SPEFT(Method):
                 layer.set_mask(new[name])
                 optimizer.state.pop(layer.values, None)  # no stale Adam moments on new entries
             model.train()
-            info["refreshes"].append({"step": step, "overlap": mask_overlap(indices, new), **cost})
+            info["refreshes"].append({"step": step, "overlap": mask_overlap(indices, new), "mask_sha256": mask_digest(new),
+                                      **cost})
             indices = new
 
         return Prepared(model, info, on_step=refresh)

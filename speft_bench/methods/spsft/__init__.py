@@ -20,7 +20,7 @@ from torch import nn
 
 from speft_bench.methods import METHODS, Method, MethodContext, Prepared, freeze_all_but
 from speft_bench.methods.spsft.importance import IMPORTANCE, neuron_importance, top_rows
-from speft_bench.methods.spsft.model import attach_row_deltas
+from speft_bench.methods.spsft.model import attach_row_deltas, save_adapter
 from speft_bench.models import head_parameters, targets_for
 from speft_bench.schemas import ConfigError, SpsftSchema, TaskKind
 
@@ -99,4 +99,6 @@ class SPSFT(Method):
             "calibration": calibration,
         }
         info["trainable"]["total"] = sum(info["trainable"].values())
-        return Prepared(model, info)
+        metadata = {"model": ctx.typed["model"].name, "targets": [info["targets"]["pattern"]], "metric": metric.name,
+                    "rows_per_layer": info["rows_per_layer"]}  # trained norms and head live in merged exports only
+        return Prepared(model, info, save=lambda path: save_adapter(path, model, metadata))
