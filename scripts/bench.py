@@ -288,7 +288,7 @@ def salience(args) -> None:
     shapes = {n: tuple(w.shape) for n, w in weights.items()}
     k = lora_param_count(shapes, 8)
     seconds, histograms, masks = {}, {}, {}
-    edges = torch.linspace(-16, 2, 73)  # log10 |score| bins
+    edges = torch.linspace(-16, 2, 73, dtype=torch.float64)  # log10 |score| bins
     for metric in SALIENCE_METRICS.names():
         start = time.perf_counter()
         scores = compute_salience(metric, model, weights, batches)
