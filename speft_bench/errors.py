@@ -9,3 +9,11 @@ class NonFiniteError(FloatingPointError):
     def __init__(self, tensor: str, step: int | None):
         super().__init__(f"non-finite {tensor}" + (f" at step {step}" if step is not None else ""))
         self.tensor, self.step = tensor, step
+
+
+def check_finite(scores: dict, what: str) -> dict:
+    """``scores`` ({layer: tensor}) unchanged, or NonFiniteError naming ``what`` and the first bad layer."""
+    for layer, score in scores.items():
+        if not score.isfinite().all():
+            raise NonFiniteError(f"{what} of {layer}", step=None)
+    return scores

@@ -151,6 +151,11 @@ def targets_for(model: nn.Module, cfg: ModelSchema, scope: TargetScope) -> dict[
     return target_linears(model, cfg.targets[scope.name])
 
 
+def is_norm(module: nn.Module) -> bool:
+    """LayerNorm or RMSNorm, including the models' own classes (LlamaRMSNorm, DeBERTa's LayerNorm, …)."""
+    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or type(module).__name__.endswith(("LayerNorm", "RMSNorm"))
+
+
 def head_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Parameters of the task head (trained densely by every method, as in both papers)."""
     return {n: p for n, p in model.named_parameters() if n.split(".")[0] in HEAD_MODULES}

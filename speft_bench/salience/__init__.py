@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from speft_bench.errors import NonFiniteError
+from speft_bench.errors import check_finite
 from speft_bench.progress import progress
 from speft_bench.registry import Registry
 
@@ -69,8 +69,4 @@ def mean_gradients(model: nn.Module, weights: dict[str, Tensor], batches: list[d
 def compute_salience(name: str, model: nn.Module, weights: dict[str, Tensor], batches: list[dict],
                      **options) -> Scores:
     """Scores of metric ``name`` for each weight; a NaN/inf score stops the run naming the layer."""
-    scores = SALIENCE_METRICS[name](model, weights, batches, **options)
-    for layer, score in scores.items():
-        if not torch.isfinite(score).all():
-            raise NonFiniteError(f"salience {name} of {layer}", step=None)
-    return scores
+    return check_finite(SALIENCE_METRICS[name](model, weights, batches, **options), f"salience {name}")

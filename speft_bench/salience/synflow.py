@@ -18,21 +18,20 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from speft_bench.models import is_norm
 from speft_bench.salience import SALIENCE_METRICS, Scores
 from speft_bench.schemas import ConfigError
 
 SEQ_LEN = 16  # all-ones input tokens for sequence models: > 1 so positions (and so Q, K) matter
 
 ACTIVATIONS = (nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.Mish, nn.Softplus)
-NORMALISATIONS = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+OTHER_NORMS = (nn.GroupNorm, nn.modules.batchnorm._BatchNorm)  # beyond LayerNorm/RMSNorm (models.is_norm)
 
 
 def _bypassed(module: nn.Module) -> bool:
     """Activation functions and normalisations, including transformers' own classes."""
-    kind = type(module)
-    return (isinstance(module, ACTIVATIONS + NORMALISATIONS)
-            or kind.__module__ == "transformers.activations"
-            or kind.__name__.endswith(("RMSNorm", "LayerNorm")))
+    return (isinstance(module, ACTIVATIONS + OTHER_NORMS) or is_norm(module)
+            or type(module).__module__ == "transformers.activations")
 
 
 def linearise(model: nn.Module) -> nn.Module:

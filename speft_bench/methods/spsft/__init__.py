@@ -21,7 +21,7 @@ from torch import nn
 from speft_bench.methods import METHODS, Method, MethodContext, Prepared, freeze_all_but
 from speft_bench.methods.spsft.importance import IMPORTANCE, neuron_importance, top_rows
 from speft_bench.methods.spsft.model import attach_row_deltas, save_adapter
-from speft_bench.models import head_parameters, targets_for
+from speft_bench.models import head_parameters, is_norm, targets_for
 from speft_bench.schemas import ConfigError, SpsftSchema, TaskKind
 
 _BLOCK = re.compile(r"(.*\.\d+)\.")  # "bert.encoder.layer.3.attention..." -> "bert.encoder.layer.3"
@@ -35,11 +35,6 @@ def rows_per_layer(spec: SpsftSchema, name: str, d_out: int) -> int:
         raise ConfigError(f"method.r={spec.r} exceeds the {d_out} output rows of {name}; use a smaller method.r "
                           f"or method.fraction")
     return spec.r
-
-
-def is_norm(module: nn.Module) -> bool:
-    """LayerNorm or RMSNorm, including the models' own classes (LlamaRMSNorm, DeBERTa's LayerNorm, …)."""
-    return isinstance(module, nn.LayerNorm) or type(module).__name__.endswith(("LayerNorm", "RMSNorm"))
 
 
 def block_norm_parameters(model: nn.Module, targets: dict[str, nn.Module]) -> dict[str, nn.Parameter]:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from speft_bench.errors import NonFiniteError
+from speft_bench.errors import check_finite
 from speft_bench.registry import Registry
 from speft_bench.salience import mean_gradients
 
@@ -111,8 +111,4 @@ def qm_taylor(model: nn.Module, weights: dict[str, Tensor], batches: list[dict],
 def neuron_importance(name: str, model: nn.Module, weights: dict[str, Tensor], batches: list[dict],
                       **options) -> Scores:
     """Scores of metric ``name`` for each weight; a NaN/inf score stops the run naming the layer."""
-    scores = IMPORTANCE[name].score(model, weights, batches, **options)
-    for layer, score in scores.items():
-        if not torch.isfinite(score).all():
-            raise NonFiniteError(f"importance {name} of {layer}", step=None)
-    return scores
+    return check_finite(IMPORTANCE[name].score(model, weights, batches, **options), f"importance {name}")
