@@ -79,8 +79,10 @@ def forward_backward(model, batch: dict, step: int) -> float:
 
 def train(model, loader: DataLoader, spec: TrainSchema, on_step, logger: RunLogger) -> dict[str, Any]:
     """AdamW + linear warmup/decay over the trainable parameters; returns the loss curve."""
-    total = spec.max_steps or math.ceil(spec.epochs * len(loader))
     params = [p for p in model.parameters() if p.requires_grad]
+    if not params:  # method=pretrained: nothing to train, the loaded model is evaluated as is
+        return {"steps": 0, "epochs": 0.0, "loss_curve": []}
+    total = spec.max_steps or math.ceil(spec.epochs * len(loader))
     optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(spec.warmup_ratio * total), total)
     curve, window, step = [], [], 0

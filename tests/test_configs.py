@@ -41,6 +41,8 @@ def partners(group: str, option: str) -> tuple[str, ...]:
         return ("task=mrpc", "metric=gradient")
     if group == "method" and option == "spsft":
         return ("task=mrpc", "metric=taylor")
+    if group == "method" and option == "pretrained":  # evaluation of the loaded LM, no classifier head
+        return ("task=gsm8k", "model=smollm2_135m")
     if group == "task" and option == "codefeedback":  # scoring runs model-written code: explicit opt-in
         return ("method=lora", "model=smollm2_135m", "task.eval.allow_code_execution=true")
     if group == "task" and (CONF / "task" / f"{option}.yaml").read_text().count("kind: instruct"):
@@ -116,6 +118,7 @@ BAD_CONFIGS = [
     (["metric=gradient"], ConfigError, "metric='gradient' is not valid for method='lora'; allowed: none"),
     (["task=gsm8k"], ConfigError, "model.family must be decoder; model=minilm_l6 is an encoder"),
     (["task=gsm8k", "model=smollm2_135m", "method=head"], ConfigError, "method=head trains only a classification head"),
+    (["method=pretrained"], ConfigError, "method=pretrained needs a task whose model is used as loaded (task.kind=instruct), got task.kind='glue'"),
     (["task=gsm8k", "model=smollm2_135m", "task.eval.tasks=[humaneval]"], ConfigError, "allow_code_execution"),
     (["task=gsm8k", "model=smollm2_135m", "task.eval.tasks=[mmlu_nope]"], ConfigError, "task.eval.tasks: unknown tasks ['mmlu_nope']"),
 ]

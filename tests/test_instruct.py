@@ -10,6 +10,7 @@ import torch
 from speft_bench.data.instruct import (ALPACA_PROMPT_NO_INPUT, FORMATS, IGNORE_INDEX, Example, InstructSplit,
                                        PadCollator, TokenizedInstruct, alpaca_prompt, load_instruct, tokenize)
 from speft_bench.data.sources import default_data_root, load_source
+from speft_bench.evaluation import lm_eval as bridge
 from speft_bench.models import ModelSourceError, load_causal_lm, load_tokenizer, resolve_pretrained
 from speft_bench.run import run
 from speft_bench.schemas import validate
@@ -152,3 +153,17 @@ def test_every_method_trains_a_causal_lm(tmp_path, method):
     assert record["status"] == "completed" and record["train"]["loss_curve"][0]["loss"] > 0
     assert 0 < record["parameters"]["trainable"] <= record["parameters"]["total"]
     assert set(record["metrics"]) == {"arc_easy/acc,none", "arc_easy/acc_norm,none"}
+
+
+def test_pretrained_evaluates_the_loaded_model_untouched(tmp_path):
+    """method=pretrained trains nothing and scores exactly what lm-eval scores on the freshly loaded model."""
+    cfg = compose_config("task=openbookqa_256", "method=pretrained", *SMOLLM2, "task.train_limit=2",
+                         "task.eval.tasks=[arc_easy]", "task.eval.limit=8")
+    record = run(cfg, tmp_path)
+    assert record["status"] == "completed" and record["parameters"]["trainable"] == 0
+    assert record["train"] == {"steps": 0, "epochs": 0.0, "loss_curve": []}
+    typed = validate(cfg)
+    source = resolve_pretrained(typed["model"], typed["paths"].cache_dir)
+    reference = bridge.evaluate(load_causal_lm(typed["model"], source), load_tokenizer(source, typed["model"]),
+                                typed["task"].eval, DATA)
+    assert record["metrics"] == reference["metrics"]
