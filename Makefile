@@ -34,9 +34,10 @@ bench:  ## step time, memory and salience cost per method -> results/bench/ (abo
 	$(PY) scripts/bench.py steps --name spsft_memory --variants floor lora dora spsft full --scopes all mlp \
 	    --models minilm_l6:16x128 smollm2_135m:16x256 --steps 2 --rounds 1 --single-pass
 
-tables:  ## rebuild results/tables/*.{md,tex,csv} and figures from results/cpu and results/bench
+tables:  ## rebuild results/tables/*.{md,tex,csv} and figures from results/{cpu,mrpc_full,llm,bench}
 	$(PY) scripts/make_tables.py --records results/cpu --out results/tables
 	$(PY) scripts/make_tables.py --records results/mrpc_full --specs conf/tables/full_data --out results/tables
+	$(PY) scripts/make_tables.py --records results/llm --specs conf/tables/llm --out results/tables
 	$(PY) scripts/make_figures.py
 
 sweep-cpu-speft-table1:  ## CPU twin of SPEFT Table 1/9: LoRA, PiSSA, SPEFT x 8 metrics on MiniLM-L6 (resumable)

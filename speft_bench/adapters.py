@@ -24,6 +24,23 @@ class AdapterError(ValueError):
     """An adapter file is unreadable, malformed, or does not fit the model."""
 
 
+def keep_frozen_weight(ctx, weight: Tensor) -> None:
+    """For a sparse tuner's autograd Function: hold the frozen base weight by reference, with its version.
+
+    It is a parameter that lives anyway, so it is not a saved activation; the version lets backward
+    refuse a weight edited in place mid-step, which would silently give wrong gradients.
+    """
+    ctx.weight, ctx.weight_version = weight, weight._version
+
+
+def frozen_weight(ctx, layer: str) -> Tensor:
+    """The weight :func:`keep_frozen_weight` held, after checking it was not changed since forward."""
+    if ctx.weight._version != ctx.weight_version:
+        raise RuntimeError(f"{layer}: the base weight changed between forward and backward "
+                           "(edited in place during a step?)")
+    return ctx.weight
+
+
 def is_integer_dtype(dtype: torch.dtype) -> bool:
     """Integer index dtypes (int8 … int64, uint8): not floating, complex or bool."""
     return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from speft_bench.adapters import is_integer_dtype
+from speft_bench.adapters import frozen_weight, is_integer_dtype, keep_frozen_weight
 
 ValueGrad = Literal["auto", "dense", "sampled"]
 
@@ -95,16 +95,14 @@ class SparseDeltaFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, values: Tensor, weight: Tensor, bias: Tensor | None, indices: Tensor,
                 value_grad: str) -> Tensor:
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, values, indices)
-        ctx.weight, ctx.weight_version, ctx.value_grad = weight, weight._version, value_grad
+        keep_frozen_weight(ctx, weight)
+        ctx.value_grad = value_grad
         return F.linear(x, _with_delta(weight, indices, values), bias)  # W_eff freed on return
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         x, values, indices = ctx.saved_tensors
-        weight = ctx.weight
-        if weight._version != ctx.weight_version:
-            raise RuntimeError("SparseDeltaLinear: the base weight changed between forward and backward "
-                               "(edited in place during a step?)")
+        weight = frozen_weight(ctx, "SparseDeltaLinear")
         grad_x = grad_values = None
         if ctx.needs_input_grad[0]:
             grad_x = grad_out @ _with_delta(weight, indices, values)  # (…, d_out) @ (d_out, d_in)

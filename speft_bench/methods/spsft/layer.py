@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from speft_bench.adapters import is_integer_dtype
+from speft_bench.adapters import frozen_weight, is_integer_dtype, keep_frozen_weight
 
 
 def rows_problem(rows: Tensor, d_out: int) -> str | None:
@@ -42,17 +42,14 @@ class RowDeltaFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, delta: Tensor, weight: Tensor, bias: Tensor | None, rows: Tensor) -> Tensor:
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, delta, rows)
-        ctx.weight, ctx.weight_version = weight, weight._version
+        keep_frozen_weight(ctx, weight)
         out = F.linear(x, weight, bias)
         return out.index_add_(-1, rows, F.linear(x, delta))  # the (…, r) term is freed on return
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         x, delta, rows = ctx.saved_tensors
-        weight = ctx.weight
-        if weight._version != ctx.weight_version:
-            raise RuntimeError("RowDeltaLinear: the base weight changed between forward and backward "
-                               "(edited in place during a step?)")
+        weight = frozen_weight(ctx, "RowDeltaLinear")
         g_rows = grad_out.index_select(-1, rows)  # (…, r): transient
         grad_x = grad_delta = None
         if ctx.needs_input_grad[0]:
