@@ -163,3 +163,17 @@ def test_paper_csvs_are_numeric_and_trace_to_their_source_line(path):
     for _, cell in df.iterrows():
         printed = {float(x) for x in re.findall(r"\d*\.\d+|\d+", lines[int(cell.source_line) - 1])}
         assert float(cell.value) in printed and (not cell["std"] or float(cell["std"]) in printed), dict(cell)
+
+
+def test_run_records_under_results_can_be_committed_and_weights_cannot():
+    # sweeps write results/<set>/multirun/...; an ignore rule meant for Hydra's top-level multirun/
+    # once hid every swept record from git, so the tables in git had no records behind them
+    import subprocess
+
+    def ignored(path: str) -> bool:
+        return subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT).returncode == 0
+
+    assert not ignored("results/cpu/multirun/2026-01-01_00-00-00/x/seed0/0/record.json")
+    assert not ignored("results/llm/runs/x/seed0/2026-01-01_00-00-00/record.json")
+    assert ignored("results/cpu/multirun/2026-01-01_00-00-00/x/seed0/0/adapter.safetensors")
+    assert ignored("multirun/2026-01-01_00-00-00/0/record.json") and ignored("outputs/x/record.json")
