@@ -35,6 +35,21 @@ def compose_config(*overrides: str):
         return compose(config_name="config", overrides=list(overrides))
 
 
+def saved_numels(fn, *args) -> list[int]:
+    """numel of every tensor autograd saves while running fn(*args): the memory tests' probe."""
+    import torch
+
+    numels = []
+
+    def pack(t):
+        numels.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*args)
+    return numels
+
+
 @pytest.fixture(scope="session")
 def minilm():
     """A fresh MiniLM-L6 sequence classifier (2 labels) per call, loaded from the PyPI package."""

@@ -21,7 +21,8 @@ SPEFT = ("method=speft", "metric=gradient", "method.calibration_examples=8", "me
 
 @pytest.mark.parametrize(("overrides", "error", "message"), [
     (["method=lora", "paths.data_root=/nonexistent"], ModelSourceError,
-     r"task=mrpc: missing \['/nonexistent/glue/MRPC/train.tsv', '/nonexistent/glue/MRPC/dev.tsv'\] and the hub is unreachable"),
+     r"task=mrpc: missing \['/nonexistent/glue/MRPC/train.tsv', '/nonexistent/glue/MRPC/dev.tsv'\] below the data "
+     r"root /nonexistent \(the original GLUE release layout\), and the hub is unreachable"),
     (["method=lora", "model.pretrained=/nonexistent/model"], ModelSourceError, "no such folder /nonexistent/model"),
     (["method=lora", "model=bert_base_uncased"], ModelSourceError,
      "'google-bert/bert-base-uncased' is a hub id, the hub is unreachable"),

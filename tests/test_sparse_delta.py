@@ -18,6 +18,8 @@ from speft_bench.methods.speft.model import (
 )
 from speft_bench.models import target_linears
 
+from conftest import saved_numels
+
 KERNELS = ["dense", "sampled"]
 # conf/targets/bert.yaml `all`: the 36 linears of MiniLM-L6's blocks
 TARGETS = r".*\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"
@@ -84,19 +86,6 @@ def test_auto_picks_sampled_at_lora_budgets_and_dense_when_dense_is_cheaper():
         assert choose_value_grad(d_out, d_in, d_out * d_in // 2) == "dense"
     assert choose_value_grad(16, 8, 4) == "dense"  # tiny layer: the transposes dominate
     assert random_layer(d_in=384, d_out=384, k=6144, dtype=torch.float32).value_grad == "sampled"
-
-
-def saved_numels(fn, *args) -> list[int]:
-    """numel of every tensor autograd saves while running fn(*args)."""
-    numels = []
-
-    def pack(t):
-        numels.append(t.numel())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(*args)
-    return numels
 
 
 def reference_forward(layer: SparseDeltaLinear, x):

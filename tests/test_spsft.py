@@ -35,7 +35,7 @@ from speft_bench.methods.spsft.model import (
 from speft_bench.run import run
 from speft_bench.schemas import ConfigError, validate
 
-from conftest import compose_config
+from conftest import compose_config, saved_numels
 
 TINY = ("task=mrpc", "task.train_limit=16", "task.eval_limit=8", "task.max_length=32", "train.max_steps=2",
         "train.batch_size=4", "method.calibration_examples=8", "method.calibration_batch_size=4")
@@ -217,19 +217,6 @@ def test_gradients_equal_the_dense_formulation_on_the_chosen_rows(bias):
     torch.testing.assert_close(layer.delta.grad, w_full.grad[[1, 2, 5]], rtol=0, atol=1e-12)
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=1e-12)
     assert layer.base.weight.grad is None and not layer.base.weight.requires_grad
-
-
-def saved_numels(fn, *args) -> list[int]:
-    """numel of every tensor autograd saves while running fn(*args)."""
-    numels = []
-
-    def pack(t):
-        numels.append(t.numel())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(*args)
-    return numels
 
 
 def test_only_x_is_saved_neither_the_dense_weight_nor_w_f_x():

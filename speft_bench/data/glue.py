@@ -13,7 +13,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from speft_bench.models import ModelSourceError, hub_reachable
+from speft_bench.data.sources import offline_error
+from speft_bench.models import hub_reachable
 from speft_bench.schemas import TaskSchema
 
 
@@ -89,11 +90,8 @@ def load_glue(task: TaskSchema, data_root: str | Path) -> dict[str, GlueSplit]:
         splits = {"train": _read_hub(task, "train"), "dev": _read_hub(task, task.hub_dev_split)}
     else:
         absent = [str(p) for p in files.values() if not p.exists()]
-        raise ModelSourceError(
-            f"task={task.name}: missing {absent} and the hub is unreachable (offline). Put the original "
-            f"GLUE files at <data_root>/glue/{task.glue_dir}/ (data_root={data_root}; set paths.data_root "
-            f"or SPEFT_DATA_ROOT), or run online to load {task.hub_path}/{task.hub_name}"
-        )
+        raise offline_error(f"task={task.name}", absent, data_root, f"{task.hub_path}/{task.hub_name}",
+                            "the original GLUE release layout")
     return {"train": splits["train"].head(task.train_limit), "dev": splits["dev"].head(task.eval_limit)}
 
 

@@ -183,9 +183,13 @@ def load_source(name: str, data_root: str | Path, subset: str | None = None):
     hub_id = source.hub_path + (f"/{hub_name}" if hub_name else "")
     if hub_reachable():
         return datasets.load_dataset(source.hub_path, hub_name), f"hub:{hub_id}"
-    note = f" ({source.offline_note})" if source.offline_note else ""
-    raise ModelSourceError(
-        f"{name}{f'/{subset}' if subset else ''}: missing {missing} below the data root {data_root}{note}, and the hub "
-        f"is unreachable (offline). Put the files there (set paths.data_root or SPEFT_DATA_ROOT), or run online "
-        f"to load {hub_id}"
+    raise offline_error(f"{name}{f'/{subset}' if subset else ''}", missing, data_root, hub_id, source.offline_note)
+
+
+def offline_error(what: str, missing: list[str], data_root, hub_id: str, note: str = "") -> ModelSourceError:
+    """The one "no local files and no hub" error for every dataset: what is missing and both ways out."""
+    note = f" ({note})" if note else ""
+    return ModelSourceError(
+        f"{what}: missing {missing} below the data root {data_root}{note}, and the hub is unreachable (offline). "
+        f"Put the files there (set paths.data_root or SPEFT_DATA_ROOT), or run online to load {hub_id}"
     )
