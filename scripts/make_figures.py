@@ -6,7 +6,9 @@
   global ranking) — where each metric puts its trainable entries;
 * salience_histograms.png: log10 |score| per metric over all target weights;
 * mask_jaccard.png: Jaccard overlap between the masks of different metrics;
-* bench_<name>.png: step time and training memory per method, from `scripts/bench.py steps`.
+* bench_<name>.png: step time and training memory per method, from `scripts/bench.py steps`;
+* table_<name>.png: each table `make tables` built (results/tables/<name>.csv): our score per method and
+  task as bars (± std over seeds), the paper's published value as a black tick where there is one.
 A figure whose input does not exist yet is skipped with a note (run `make bench` first).
 """
 
@@ -21,6 +23,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -88,9 +91,29 @@ def bench_figure(name: str, data: dict, out: Path) -> None:
     fig.savefig(out / f"bench_{name}.png", dpi=120)
 
 
+def table_figure(path: Path, out: Path) -> None:
+    cells = pd.read_csv(path)
+    methods, columns = list(dict.fromkeys(cells["row"])), list(dict.fromkeys(cells["column"]))
+    width = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.18 * len(methods) * len(columns) + 3), 4.5))
+    for i, method in enumerate(methods):
+        mine = cells[cells["row"] == method].set_index("column").reindex(columns)
+        x = np.arange(len(columns)) + (i - (len(methods) - 1) / 2) * width
+        ax.bar(x, mine["mean"], width, yerr=mine["std"].fillna(0), label=method)  # missing cells: no bar
+        ax.scatter(x, mine["paper"], marker="_", color="black", s=60, zorder=3)
+    ax.set_xticks(np.arange(len(columns)), columns)
+    ax.set_ylabel("score ×100 (bars: ours; ticks: paper)")
+    ax.set_title(f"{path.stem} (results/tables/{path.name})", fontsize=9)
+    ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
+    fig.tight_layout()
+    fig.savefig(out / f"table_{path.stem}.png", dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bench", type=Path, default=ROOT / "results" / "bench")
+    parser.add_argument("--tables", type=Path, default=ROOT / "results" / "tables")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "figures")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -103,6 +126,8 @@ def main() -> None:
         data = json.loads(path.read_text())
         if "rows" in data:
             bench_figure(path.stem, data, args.out)
+    for path in sorted(args.tables.glob("*.csv")):
+        table_figure(path, args.out)
     print(f"figures in {args.out}")
 
 
