@@ -3,6 +3,7 @@
 import json
 import math
 import re
+import subprocess
 
 import pandas as pd
 import pytest
@@ -168,8 +169,6 @@ def test_paper_csvs_are_numeric_and_trace_to_their_source_line(path):
 def test_run_records_under_results_can_be_committed_and_weights_cannot():
     # sweeps write results/<set>/multirun/...; an ignore rule meant for Hydra's top-level multirun/
     # once hid every swept record from git, so the tables in git had no records behind them
-    import subprocess
-
     def ignored(path: str) -> bool:
         return subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT).returncode == 0
 
