@@ -47,6 +47,7 @@ def salience_figures(data: dict, out: Path) -> None:
     ax.legend(ncol=4, fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "mask_density_per_layer.png", dpi=120)
+    plt.close(fig)
 
     edges = np.asarray(data["histogram_edges_log10"])
     fig, axes = plt.subplots(2, 4, figsize=(14, 6), sharex=True)
@@ -58,6 +59,7 @@ def salience_figures(data: dict, out: Path) -> None:
     fig.supxlabel("log10 |score| (clipped to [-16, 2])")
     fig.tight_layout()
     fig.savefig(out / "salience_histograms.png", dpi=120)
+    plt.close(fig)
 
     matrix = np.array([[data["jaccard"][a][b] for b in metrics] for a in metrics])
     fig, ax = plt.subplots(figsize=(6.5, 5.5))
@@ -72,6 +74,7 @@ def salience_figures(data: dict, out: Path) -> None:
     ax.set_title("Mask overlap between salience metrics")
     fig.tight_layout()
     fig.savefig(out / "mask_jaccard.png", dpi=120)
+    plt.close(fig)
 
 
 def bench_figure(name: str, data: dict, out: Path) -> None:
@@ -89,6 +92,7 @@ def bench_figure(name: str, data: dict, out: Path) -> None:
     fig.suptitle(f"{name}: {data['machine']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / f"bench_{name}.png", dpi=120)
+    plt.close(fig)
 
 
 def table_figure(path: Path, out: Path) -> None:

@@ -4,6 +4,7 @@ import json
 import math
 import re
 import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -103,21 +104,40 @@ def test_one_cell_never_pools_two_settings():
         build_table(SPEC, records, PAPER)
 
 
-def test_write_tables_skips_unreadable_records(tmp_path):
+def write_toy_tables(tmp_path):
+    """Records for SPEC (plus one truncated record.json) and the toy paper CSV -> tmp_path/tables."""
     for i, rec in enumerate(RECORDS):
         (tmp_path / "runs" / str(i)).mkdir(parents=True)
         (tmp_path / "runs" / str(i) / "record.json").write_text(json.dumps(rec))
     (tmp_path / "runs" / "broken").mkdir()
     (tmp_path / "runs" / "broken" / "record.json").write_text('{"status": "compl')
-    with pytest.warns(UserWarning, match="broken"):
-        assert len(load_records(tmp_path / "runs")) == len(RECORDS)
     paper_dir = tmp_path / "paper"
     paper_dir.mkdir()
     PAPER.drop(columns="table_id").to_csv(paper_dir / "toy_table.csv", index=False)
-    with pytest.warns(UserWarning):
-        written = write_tables(tmp_path / "runs", tmp_path / "tables", [SPEC], paper_dir)
+    with pytest.warns(UserWarning, match="broken"):
+        return write_tables(tmp_path / "runs", tmp_path / "tables", [SPEC], paper_dir)
+
+
+def test_write_tables_skips_unreadable_records(tmp_path):
+    written = write_toy_tables(tmp_path)
+    with pytest.warns(UserWarning, match="broken"):
+        assert len(load_records(tmp_path / "runs")) == len(RECORDS)
     assert sorted(p.name for p in written) == ["toy.csv", "toy.md", "toy.tex"]
     assert "80.00 (+1.00)" in (tmp_path / "tables" / "toy.md").read_text()
+
+
+def test_make_figures_draws_one_png_per_table_and_skips_missing_inputs(tmp_path):
+    write_toy_tables(tmp_path)
+    (tmp_path / "bench").mkdir()
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_figures.py"), "--bench", str(tmp_path / "bench"),
+                           "--tables", str(tmp_path / "tables"), "--out", str(tmp_path / "figures")],
+                          capture_output=True, text=True, check=True)
+    assert "skipped salience figures" in done.stdout
+    assert [p.name for p in (tmp_path / "figures").iterdir()] == ["table_toy.png"]
+    png = (tmp_path / "figures" / "table_toy.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    # IHDR width/height: figsize (8, 4.5) in at 120 dpi, the minimum width for 4 methods x 2 columns
+    assert int.from_bytes(png[16:20], "big") == 960 and int.from_bytes(png[20:24], "big") == 540
 
 
 def test_bad_spec_key_names_the_allowed_ones(tmp_path):
