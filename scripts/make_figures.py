@@ -35,6 +35,13 @@ def short(layer: str) -> str:
     return f"{parts[index]}.{'.'.join(parts[index + 1:]).replace('attention.', 'attn.')}"
 
 
+def save(fig: plt.Figure, path: Path) -> None:
+    """Write one PNG and free the figure (make_figures draws one per table; pyplot keeps them all open)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def salience_figures(data: dict, out: Path) -> None:
     metrics = list(data["seconds"])
     layers = list(next(iter(data["density_per_layer"].values())))
@@ -45,9 +52,7 @@ def salience_figures(data: dict, out: Path) -> None:
     ax.set_ylabel("mask density (%)")
     ax.set_title(f"Per-layer density of each metric's mask (MiniLM-L6, {data['budget']:,} entries = LoRA r=8, global)")
     ax.legend(ncol=4, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "mask_density_per_layer.png", dpi=120)
-    plt.close(fig)
+    save(fig, out / "mask_density_per_layer.png")
 
     edges = np.asarray(data["histogram_edges_log10"])
     fig, axes = plt.subplots(2, 4, figsize=(14, 6), sharex=True)
@@ -57,9 +62,7 @@ def salience_figures(data: dict, out: Path) -> None:
         ax.set_title(f"{metric} ({100 * hist['negative_fraction']:.0f}% < 0)", fontsize=9)
         ax.set_yscale("log")
     fig.supxlabel("log10 |score| (clipped to [-16, 2])")
-    fig.tight_layout()
-    fig.savefig(out / "salience_histograms.png", dpi=120)
-    plt.close(fig)
+    save(fig, out / "salience_histograms.png")
 
     matrix = np.array([[data["jaccard"][a][b] for b in metrics] for a in metrics])
     fig, ax = plt.subplots(figsize=(6.5, 5.5))
@@ -72,9 +75,7 @@ def salience_figures(data: dict, out: Path) -> None:
                     color="white" if matrix[i, j] < 0.5 else "black")
     fig.colorbar(image, label="Jaccard overlap of masks")
     ax.set_title("Mask overlap between salience metrics")
-    fig.tight_layout()
-    fig.savefig(out / "mask_jaccard.png", dpi=120)
-    plt.close(fig)
+    save(fig, out / "mask_jaccard.png")
 
 
 def bench_figure(name: str, data: dict, out: Path) -> None:
@@ -90,9 +91,7 @@ def bench_figure(name: str, data: dict, out: Path) -> None:
         ax.set_yticks(y, labels, fontsize=7)
         ax.invert_yaxis()
     fig.suptitle(f"{name}: {data['machine']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out / f"bench_{name}.png", dpi=120)
-    plt.close(fig)
+    save(fig, out / f"bench_{name}.png")
 
 
 def table_figure(path: Path, out: Path) -> None:
@@ -109,9 +108,7 @@ def table_figure(path: Path, out: Path) -> None:
     ax.set_ylabel("score ×100 (bars: ours; ticks: paper)")
     ax.set_title(f"{path.stem} (results/tables/{path.name})", fontsize=9)
     ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
-    fig.tight_layout()
-    fig.savefig(out / f"table_{path.stem}.png", dpi=120)
-    plt.close(fig)
+    save(fig, out / f"table_{path.stem}.png")
 
 
 def main() -> None:

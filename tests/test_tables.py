@@ -136,7 +136,7 @@ def test_make_figures_draws_one_png_per_table_and_skips_missing_inputs(tmp_path)
     assert [p.name for p in (tmp_path / "figures").iterdir()] == ["table_toy.png"]
     png = (tmp_path / "figures" / "table_toy.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    # IHDR width/height: figsize (8, 4.5) in at 120 dpi, the minimum width for 4 methods x 2 columns
+    # IHDR width/height: figsize (8, 4.5) in at 120 dpi, the minimum width for 4 methods x 3 columns (MRPC, STS-B, Avg.)
     assert int.from_bytes(png[16:20], "big") == 960 and int.from_bytes(png[20:24], "big") == 540
 
 
