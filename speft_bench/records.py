@@ -30,7 +30,7 @@ def resolved_config(cfg: DictConfig) -> dict[str, Any]:
 
 
 # Top-level config keys that say where and how to run, not what: not part of a run's identity.
-NOT_IDENTITY = ("paths", "logger", "resume")
+NOT_IDENTITY = ("paths", "logger", "resume", "dry_run")
 
 
 def config_hash(config: dict[str, Any]) -> str:

@@ -42,10 +42,15 @@ class Family(Enum):
     decoder = "decoder"  # causal decoder (OPT, Llama, Gemma, Qwen, SmolLM2)
 
 
-class DType(Enum):
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
+class ModelInit(Enum):
+    pretrained = "pretrained"  # the weights at model.pretrained
+    random = "random"  # the architecture only (model.architecture), random weights: benchmarks and dry runs
+
+
+# train.precision: the dtype of the frozen body and how the forward runs (speft_bench/precision.py).
+PRECISIONS = ("fp32", "bf16", "bf16-mixed")
+VALUE_GRADS = ("auto", "sampled", "dense")  # SPEFT's value-gradient kernel (methods/speft/layer.py)
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 class TaskKind(Enum):
@@ -83,10 +88,15 @@ class ModelSchema:
     label: str = ""  # what the weights honestly are, e.g. "Q4_1-dequantised"
     gguf_file: Optional[str] = None  # GGUF inside `pretrained`: converted once to an fp32 folder
     revision: Optional[str] = None
-    dtype: DType = DType.float32
+    init: ModelInit = ModelInit.pretrained
+    # config.json of the architecture for init=random: a shipped pkg://speft_bench/architectures/<name>.json,
+    # a local file or a hub id; null: the config at `pretrained`.
+    architecture: Optional[str] = None
+    num_layers: Optional[int] = None  # keep only the first N transformer blocks (benchmarks, dry runs); null: all
     targets: Dict[str, str] = field(default_factory=dict)  # scope -> regex over full module names
 
     def __post_init__(self) -> None:
+        _positive("model.num_layers", self.num_layers, allow_none=True)
         missing = {s.name for s in TargetScope} - set(self.targets)
         _check(not missing, f"model.targets must define a regex for every scope {sorted(s.name for s in TargetScope)}; missing {sorted(missing)}")
         for scope, pattern in self.targets.items():
@@ -150,7 +160,9 @@ class LmEvalSchema:
     num_fewshot: Dict[str, int] = field(default_factory=dict)  # a task not listed keeps its config's n-shot
     limit: Optional[int] = None  # examples per task (per subject of mmlu); null: all (paper scale)
     limit_per_task: Dict[str, Optional[int]] = field(default_factory=dict)  # overrides `limit` for these tasks
-    batch_size: int = 8
+    # int, or "auto": 1 on CPU (lm-eval's full-vocabulary fp32 logits make larger batches slower and
+    # several GB bigger), lm-eval's own largest-that-fits search on CUDA.
+    batch_size: Any = "auto"
     max_gen_toks: Optional[int] = None  # cap on generated tokens for generative tasks; null: the task's own
     allow_code_execution: bool = False  # humaneval/mbpp run model-written code: explicit opt-in only
     stand_in: Optional[str] = None  # how the evaluation differs from the paper's, and why (recorded)
@@ -162,7 +174,9 @@ class LmEvalSchema:
         _positive("task.eval.limit", self.limit, allow_none=True)
         for name, limit in self.limit_per_task.items():
             _positive(f"task.eval.limit_per_task.{name}", limit, allow_none=True)
-        _positive("task.eval.batch_size", self.batch_size)
+        _check(self.batch_size == "auto" or (isinstance(self.batch_size, int) and not isinstance(self.batch_size, bool)
+                                             and self.batch_size > 0),
+               f"task.eval.batch_size must be a positive integer or 'auto', got {self.batch_size!r}")
         _positive("task.eval.max_gen_toks", self.max_gen_toks, allow_none=True)
 
     def limit_for(self, task: str) -> Optional[int]:
@@ -212,6 +226,12 @@ class LoraSchema(MethodSchema):
         _check(0.0 <= self.dropout < 1.0, f"method.dropout must be in [0, 1), got {self.dropout}")
 
 
+def _check_calibration(spec) -> None:
+    _positive("method.calibration_examples", spec.calibration_examples)
+    _positive("method.calibration_batch_size", spec.calibration_batch_size)
+    _positive("method.calibration_micro_batch", spec.calibration_micro_batch, allow_none=True)
+
+
 @dataclass
 class SpeftSchema(MethodSchema):
     targets: TargetScope = TargetScope.all
@@ -219,14 +239,17 @@ class SpeftSchema(MethodSchema):
     density: Optional[float] = None  # or a fraction of the target weights (when lora_rank is null)
     calibration_examples: int = 1024
     calibration_batch_size: int = 16
+    calibration_micro_batch: Optional[int] = None  # examples per forward/backward of salience; null: the whole batch
+    salience_offload: bool = False  # accumulate salience scores on the CPU (frees W of device memory)
+    value_grad: str = "auto"  # auto: the cost model's cheaper kernel per layer; sampled | dense: forced
 
     def __post_init__(self) -> None:
+        _check(self.value_grad in VALUE_GRADS, f"method.value_grad must be one of {list(VALUE_GRADS)}, got {self.value_grad!r}")
+        _check_calibration(self)
         _check((self.lora_rank is None) != (self.density is None),
                f"method.lora_rank and method.density: set exactly one (got lora_rank={self.lora_rank}, density={self.density})")
         _positive("method.lora_rank", self.lora_rank, allow_none=True)
         _check(self.density is None or 0.0 < self.density <= 1.0, f"method.density must be in (0, 1], got {self.density}")
-        _positive("method.calibration_examples", self.calibration_examples)
-        _positive("method.calibration_batch_size", self.calibration_batch_size)
 
 
 @dataclass
@@ -237,15 +260,15 @@ class SpsftSchema(MethodSchema):
     train_norms: bool = False  # also train the blocks' LayerNorm/RMSNorm weights and biases
     calibration_examples: int = 1024  # for data-driven importance (taylor, qm_taylor)
     calibration_batch_size: int = 16
+    calibration_micro_batch: Optional[int] = None  # examples per forward/backward of importance; null: the whole batch
 
     def __post_init__(self) -> None:
+        _check_calibration(self)
         _check((self.r is None) != (self.fraction is None),
                f"method.r and method.fraction: set exactly one (got r={self.r}, fraction={self.fraction})")
         _positive("method.r", self.r, allow_none=True)
         _check(self.fraction is None or 0.0 < self.fraction <= 1.0,
                f"method.fraction must be in (0, 1], got {self.fraction}")
-        _positive("method.calibration_examples", self.calibration_examples)
-        _positive("method.calibration_batch_size", self.calibration_batch_size)
 
 
 @dataclass
@@ -286,7 +309,8 @@ class TrainSchema:
     optimizer: str = "adamw"
     lr: float = 5e-4
     weight_decay: float = 0.0
-    batch_size: int = 16
+    batch_size: int = 16  # examples per optimizer step (the effective batch)
+    micro_batch_size: Optional[int] = None  # examples per forward/backward (gradient accumulation); null: batch_size
     eval_batch_size: int = 64
     epochs: float = 3.0
     max_steps: Optional[int] = None  # overrides epochs when set
@@ -297,8 +321,18 @@ class TrainSchema:
     log_every: int = 10
     num_threads: Optional[int] = None  # torch intra-op threads; None keeps torch's default
     deterministic: bool = True  # torch.use_deterministic_algorithms
+    device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:N
+    precision: str = "fp32"  # fp32 | bf16 (frozen body in bf16) | bf16-mixed (fp32 weights, bf16 autocast)
+    master_fp32: bool = True  # trainable tensors kept in fp32 whatever the precision (false: the body's dtype)
+    gradient_checkpointing: bool = False  # recompute block activations in backward (non-reentrant)
 
     def __post_init__(self) -> None:
+        _check(_DEVICE.fullmatch(self.device) is not None,
+               f"train.device must be one of auto, cpu, cuda, cuda:N; got {self.device!r}")
+        _check(self.precision in PRECISIONS, f"train.precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        _positive("train.micro_batch_size", self.micro_batch_size, allow_none=True)
+        _check(self.micro_batch_size is None or self.batch_size % self.micro_batch_size == 0,
+               f"train.micro_batch_size={self.micro_batch_size} must divide train.batch_size={self.batch_size}")
         _check(self.optimizer == "adamw", f"train.optimizer must be one of ['adamw'], got {self.optimizer!r}")
         _check(self.schedule == "linear", f"train.schedule must be one of ['linear'], got {self.schedule!r}")
         _positive("train.lr", self.lr)

@@ -1,0 +1,34 @@
+"""Batches as the recipe, salience and evaluation move them: loss terms, micro-batches, device.
+
+Every batch is a dict of equally long tensors ``{input_ids, attention_mask, labels, …}``.  A model's
+``.loss`` is a mean over its *loss terms*: examples for classification, response tokens for causal
+LMs (labels ≠ -100 after the one-token shift).  Weighting each piece's mean loss by its share of the
+terms of the whole batch gives the mean over the whole batch, however it is split.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = -100  # labels that carry no loss (prompt and padding tokens)
+
+
+def loss_terms(batch: dict[str, Tensor]) -> int:
+    """Number of terms the batch's mean loss averages over."""
+    labels = batch["labels"]
+    if labels.ndim == 1:  # one label (class or score) per example
+        return len(labels)
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())  # causal LM: token t predicts label t+1
+
+
+def micro_batches(batch: dict[str, Tensor], size: int | None) -> list[dict[str, Tensor]]:
+    """Consecutive slices of at most ``size`` examples (``None``: the batch itself)."""
+    n = len(batch["labels"])
+    if size is None or size >= n:
+        return [batch]
+    return [{key: value[start:start + size] for key, value in batch.items()} for start in range(0, n, size)]
+
+
+def to_device(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
