@@ -68,8 +68,8 @@ def load(model_name: str) -> tuple[nn.Module, object, bool]:
     torch.manual_seed(0)
     source = resolve_pretrained(spec, cache)
     if spec.family is Family.encoder:
-        return load_model(spec, typed["task"], source, load_tokenizer(source, spec)), spec, True
-    return load_causal_lm(spec, source), spec, False
+        return load_model(spec, typed["task"], source, load_tokenizer(source, spec), torch.float32), spec, True
+    return load_causal_lm(spec, source, torch.float32), spec, False
 
 
 def lora_like(r: int, **extra) -> Callable:
@@ -281,7 +281,7 @@ def salience(args) -> None:
     cfg, typed = harness_config("model=minilm_l6")
     source = resolve_pretrained(typed["model"], typed["paths"].cache_dir)
     tokenizer = load_tokenizer(source, typed["model"])
-    model = load_model(typed["model"], typed["task"], source, tokenizer)
+    model = load_model(typed["model"], typed["task"], source, tokenizer, torch.float32)
     train = TokenizedSplit(load_glue(typed["task"], typed["paths"].data_root)["train"], tokenizer, typed["task"].max_length)
     batches = calibration_sampler(train, DataCollatorWithPadding(tokenizer), seed=0)(0, args.examples, 16)
     weights = {n: m.weight for n, m in targets_for(model, typed["model"], TargetScope.all).items()}

@@ -115,14 +115,14 @@ def load_tokenizer(source: str, cfg: ModelSchema):
     return tokenizer
 
 
-def load_causal_lm(cfg: ModelSchema, source: str) -> nn.Module:
+def load_causal_lm(cfg: ModelSchema, source: str, dtype: torch.dtype) -> nn.Module:
     """The causal LM at ``source`` with its own LM head (instruction tuning; lm-eval scores it)."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(source, revision=cfg.revision, dtype=getattr(torch, cfg.dtype.value))
+    return AutoModelForCausalLM.from_pretrained(source, revision=cfg.revision, dtype=dtype)
 
 
-def load_model(cfg: ModelSchema, task: TaskSchema, source: str, tokenizer) -> nn.Module:
+def load_model(cfg: ModelSchema, task: TaskSchema, source: str, tokenizer, dtype: torch.dtype) -> nn.Module:
     """The sequence classifier at ``source`` for ``task`` (a regression head for STS-B)."""
     from transformers import AutoModelForSequenceClassification
 
@@ -131,7 +131,7 @@ def load_model(cfg: ModelSchema, task: TaskSchema, source: str, tokenizer) -> nn
         revision=cfg.revision,
         num_labels=task.num_labels,
         problem_type="regression" if task.is_regression else "single_label_classification",
-        dtype=getattr(torch, cfg.dtype.value),
+        dtype=dtype,
     )
     model.config.pad_token_id = tokenizer.pad_token_id  # decoders pick the last non-pad token
     return model

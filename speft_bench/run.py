@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Subset
 from transformers import get_linear_schedule_with_warmup
 
-from speft_bench import records
+from speft_bench import precision, records
 from speft_bench.errors import NonFiniteError
 from speft_bench.loggers import RunLogger
 from speft_bench.methods import METHODS, MethodContext
@@ -130,7 +130,7 @@ def run(cfg: DictConfig, run_dir: Path, command: str | None = None) -> dict[str,
         source = resolve_pretrained(spec_model, paths.cache_dir)
         tokenizer = load_tokenizer(source, spec_model)
         data = kind.load_data(tokenizer)
-        model = kind.load_model(spec_model, source, tokenizer)
+        model = kind.load_model(spec_model, source, tokenizer, precision.body_dtype(spec_train.precision))
     record["model"] = {"name": spec_model.name, "label": spec_model.label, "source": source}
     record["data"] = data.record
 

@@ -39,7 +39,7 @@ class Kind:
     def check(cls, typed: dict[str, Any]) -> None:
         """Cross-group rules, run by ``schemas.validate`` before anything loads."""
 
-    def load_model(self, model_spec, source: str, tokenizer) -> torch.nn.Module:
+    def load_model(self, model_spec, source: str, tokenizer, dtype: torch.dtype) -> torch.nn.Module:
         raise NotImplementedError
 
     def load_data(self, tokenizer) -> TaskData:
@@ -55,10 +55,10 @@ TASK_KINDS: Registry[type[Kind]] = Registry("task.kind")
 
 @TASK_KINDS.register("glue")
 class Glue(Kind):
-    def load_model(self, model_spec, source, tokenizer):
+    def load_model(self, model_spec, source, tokenizer, dtype):
         from speft_bench.models import load_model
 
-        return load_model(model_spec, self.spec, source, tokenizer)
+        return load_model(model_spec, self.spec, source, tokenizer, dtype)
 
     def load_data(self, tokenizer) -> TaskData:
         from transformers import DataCollatorWithPadding
@@ -112,10 +112,10 @@ class Instruct(Kind):
                 raise ConfigError(f"task.eval.{knob}: unknown tasks {unknown}; allowed values: {', '.join(shown)}")
         check_code_execution(task.eval)
 
-    def load_model(self, model_spec, source, tokenizer):
+    def load_model(self, model_spec, source, tokenizer, dtype):
         from speft_bench.models import load_causal_lm
 
-        return load_causal_lm(model_spec, source)
+        return load_causal_lm(model_spec, source, dtype)
 
     def load_data(self, tokenizer) -> TaskData:
         from speft_bench.data.instruct import PadCollator, TokenizedInstruct, load_instruct

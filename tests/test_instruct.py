@@ -68,7 +68,7 @@ def test_padding_is_masked_but_the_real_eos_is_learned(tokenizer):
 def test_model_loss_is_the_mean_over_response_tokens(tokenizer):
     """model(**batch).loss = cross-entropy over response tokens only; padding changes no real logit."""
     typed = validate(compose_config("task=gsm8k", "method=lora", *SMOLLM2))
-    model = load_causal_lm(typed["model"], resolve_pretrained(typed["model"], typed["paths"].cache_dir))
+    model = load_causal_lm(typed["model"], resolve_pretrained(typed["model"], typed["paths"].cache_dir), torch.float32)
     short = tokenize(Example("Add 2 and 3.", "", "5"), tokenizer, 512)
     long = tokenize(Example("Name a colour.", "The sky", "Blue."), tokenizer, 512)
     batch = PadCollator(tokenizer.pad_token_id)([short, long])
@@ -164,6 +164,6 @@ def test_pretrained_evaluates_the_loaded_model_untouched(tmp_path):
     assert record["train"] == {"steps": 0, "epochs": 0.0, "loss_curve": []}
     typed = validate(cfg)
     source = resolve_pretrained(typed["model"], typed["paths"].cache_dir)
-    reference = bridge.evaluate(load_causal_lm(typed["model"], source), load_tokenizer(source, typed["model"]),
+    reference = bridge.evaluate(load_causal_lm(typed["model"], source, torch.float32), load_tokenizer(source, typed["model"]),
                                 typed["task"].eval, DATA)
     assert record["metrics"] == reference["metrics"]

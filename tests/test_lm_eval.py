@@ -5,6 +5,7 @@ import os
 import time
 
 import pytest
+import torch
 
 from speft_bench.data.sources import default_data_root, load_source
 from speft_bench.evaluation import lm_eval as bridge
@@ -63,7 +64,7 @@ def test_code_tasks_and_piqa_labels_read_from_their_original_files():
 def smollm2():
     typed = validate(compose_config("task=gsm8k", "method=lora", "model=smollm2_135m"))
     source = resolve_pretrained(typed["model"], typed["paths"].cache_dir)
-    return load_causal_lm(typed["model"], source), load_tokenizer(source, typed["model"])
+    return load_causal_lm(typed["model"], source, torch.float32), load_tokenizer(source, typed["model"])
 
 
 def test_tiny_evaluation_of_smollm2(smollm2):
