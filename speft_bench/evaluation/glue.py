@@ -12,8 +12,9 @@ import numpy as np
 import torch
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
-from speft_bench.progress import progress
 
+from speft_bench.batches import to_device
+from speft_bench.progress import progress
 from speft_bench.registry import Registry
 
 # (predictions, references) -> score.  Classification: class indices; regression: floats.
@@ -38,14 +39,16 @@ def majority_baseline(names: list[str], references: np.ndarray, train_labels: np
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, loader, is_regression: bool) -> tuple[np.ndarray, np.ndarray, float]:
-    """Predictions, references and mean loss over ``loader`` (model left in eval mode)."""
+    """Predictions, references and mean loss over ``loader`` (model left in eval mode), computed on the
+    model's device."""
     model.eval()
+    device = next(model.parameters()).device
     preds, refs, loss_sum, n = [], [], 0.0, 0
     for batch in progress(loader, desc="eval", leave=False):
-        out = model(**batch)
+        out = model(**to_device(batch, device))
         logits = out.logits.float()
         preds.append(logits.squeeze(-1) if is_regression else logits.argmax(-1))
-        refs.append(batch["labels"])
+        refs.append(batch["labels"])  # the loader's CPU copy
         loss_sum += out.loss.item() * len(batch["labels"])
         n += len(batch["labels"])
-    return torch.cat(preds).numpy(), torch.cat(refs).numpy(), loss_sum / n
+    return torch.cat(preds).cpu().numpy(), torch.cat(refs).numpy(), loss_sum / n

@@ -69,6 +69,18 @@ def _code_execution(allowed: bool):
             os.environ["HF_ALLOW_CODE_EVAL"] = previous
 
 
+def eval_batch_size(requested: int | str, device) -> int | str:
+    """``task.eval.batch_size``: an int as given; ``auto`` is 1 on CPU and lm-eval's own search on CUDA.
+
+    lm-eval materialises full-vocabulary fp32 logits and their log-softmax for every position of a
+    batch: on CPU, batch 1 of MMLU 5-shot on SmolLM2-135M was both faster and ~4× smaller than batch 8
+    (BENCHMARKS.md, "Evaluation memory").  On a GPU, lm-eval finds the largest batch that fits.
+    """
+    if requested != "auto":
+        return requested
+    return "auto" if device.type == "cuda" else 1
+
+
 def task_manager(data_root: str | Path):
     from lm_eval.tasks import TaskManager
 
@@ -86,7 +98,8 @@ def evaluate(model, tokenizer, spec: LmEvalSchema, data_root: str | Path) -> dic
     from lm_eval.models.huggingface import HFLM
 
     model.eval()
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=spec.batch_size)
+    batch_size = eval_batch_size(spec.batch_size, model.device)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)  # runs on the model's device
     manager = task_manager(data_root)
     gen_kwargs = None if spec.max_gen_toks is None else {"max_gen_toks": spec.max_gen_toks}
     keys = ("results", "groups", "group_subtasks", "versions", "n-shot", "n-samples", "higher_is_better")
@@ -103,6 +116,7 @@ def evaluate(model, tokenizer, spec: LmEvalSchema, data_root: str | Path) -> dic
         "limit": {name: spec.limit_for(name) for name in spec.tasks},
         "num_fewshot_requested": {name: spec.num_fewshot.get(name) for name in spec.tasks},  # None: the task's own
         "max_gen_toks": spec.max_gen_toks,
+        "batch_size": {"requested": spec.batch_size, "used": batch_size},
         "data": dict(_LOADED),
         "lm_eval_version": version("lm_eval"),
     }}
