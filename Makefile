@@ -9,7 +9,7 @@ CPU_RUNS = paths.output_dir=results/cpu
 LLM_RUNS = paths.output_dir=results/llm
 SALIENCE = magnitude,gradient,synflow,snip,force,taylor_fo,grasp,fisher
 
-.PHONY: help install test demo bench tables results-mrpc results-llm sweep-cpu-speft-table1 sweep-cpu-speft-table4 sweep-cpu-spsft clean
+.PHONY: help install test demo bench wheelhouse gpu-check tables results-mrpc results-llm sweep-cpu-speft-table1 sweep-cpu-speft-table4 sweep-cpu-spsft clean
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-24s %s\n", $$1, $$2}'
@@ -68,6 +68,14 @@ results-llm:  ## the LLM track on CPU: SmolLM2-135M pretrained/LoRA/SPEFT/SPSFT 
 	$(PY) -m speft_bench --multirun experiment=cpu_smollm2_gsm8k method=pretrained,lora $(LLM_RUNS)
 	$(PY) -m speft_bench experiment=cpu_smollm2_gsm8k method=speft metric=gradient method.calibration_examples=256 $(LLM_RUNS)
 	$(PY) -m speft_bench experiment=cpu_smollm2_gsm8k method=spsft metric=l2 $(LLM_RUNS)
+
+wheelhouse:  ## wheels the GPU machine lacks (hydra-core, omegaconf, pytest) -> wheelhouse/, for scripts/gpu_check.sh
+	rm -rf wheelhouse
+	$(PIP) wheel -q --no-deps -w wheelhouse hydra-core==1.3.8 omegaconf==2.3.0 antlr4-python3-runtime==4.9.3 \
+	    pytest iniconfig pluggy pygments packaging
+
+gpu-check:  ## the prepared GPU check (tests marked gpu + paper-shape bench) -> results/gpu (needs CUDA)
+	bash scripts/gpu_check.sh results/gpu
 
 clean:  ## remove run outputs and caches (not results/)
 	rm -rf outputs multirun .pytest_cache

@@ -2,7 +2,7 @@
 
     python scripts/bench.py steps      # methods side by side (MiniLM-L6 16×128, SmolLM2-135M 16×128)
     python scripts/bench.py salience   # each SPEFT metric on 1024 real MRPC examples (MiniLM-L6)
-    python scripts/bench.py kernels    # SPEFT's two value-gradient kernels alone, per layer shape
+    python scripts/bench.py kernels    # SPEFT's two value-gradient kernels alone, per layer shape and dtype
 
 `make bench` runs all three; results go to results/bench/*.json and *.md (BENCHMARKS.md quotes them).
 
@@ -310,30 +310,48 @@ def salience(args) -> None:
                       "density_per_layer": density}, "\n".join(lines) + "\n" + note)
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def kernels(args) -> None:
-    """Value-gradient kernels alone (ms, best of 7) per MiniLM shape and density; * = the cost model's pick."""
+    """Value-gradient kernels alone (ms, best of ``--repeats``) per layer shape, density and dtype of g and x,
+    with the cost model's pick; densities: LoRA-r-matched (r·(d_out + d_in) entries) and ``--densities``."""
     from speft_bench.methods.speft.layer import choose_value_grad, dense_value_grad, sampled_value_grad
 
     torch.set_num_threads(args.threads)
-    tokens = 16 * 128
-    lines = ["| d_out×d_in | density | dense ms | sampled ms | pick |", "|---|---:|---:|---:|---|"]
-    for d_out, d_in in [(384, 384), (1536, 384), (384, 1536), (1024, 1024)]:
-        x, g = torch.randn(tokens, d_in), torch.randn(tokens, d_out)
-        for density in [8 * (d_out + d_in) / (d_out * d_in), 0.05, 0.2]:
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    lines = ["| d_out×d_in | density | dtype | dense ms | sampled ms | faster | pick |", "|---|---:|---|---:|---:|---|---|"]
+    for d_out, d_in in args.shapes:
+        for density in [args.lora_rank * (d_out + d_in) / (d_out * d_in), *args.densities]:
             k = int(density * d_out * d_in)
-            indices = torch.randperm(d_out * d_in)[:k].sort().values.int()
-            ms = {}
-            for name, kernel in [("dense", dense_value_grad), ("sampled", sampled_value_grad)]:
-                best = float("inf")
-                for _ in range(7):
-                    start = time.perf_counter()
-                    kernel(g, x, indices)
-                    best = min(best, time.perf_counter() - start)
-                ms[name] = best * 1e3
-            lines.append(f"| {d_out}×{d_in} | {density:.3f} | {ms['dense']:.1f} | {ms['sampled']:.1f} "
-                         f"| {choose_value_grad(d_out, d_in, k)} |")
-    note = f"\n`python scripts/bench.py kernels` on {machine()}; {args.threads} threads; {tokens} tokens.\n"
-    save("kernels", {"machine": machine(), "table": lines}, "\n".join(lines) + "\n" + note)
+            indices = torch.randperm(d_out * d_in, generator=gen)[:k].sort().values.int()
+            for dtype_name in args.dtypes:
+                dtype = DTYPES[dtype_name]
+                x = torch.randn(args.tokens, d_in, generator=gen).to(dtype)
+                g = torch.randn(args.tokens, d_out, generator=gen).to(dtype)
+                ms = {}
+                for name, kernel in [("dense", dense_value_grad), ("sampled", sampled_value_grad)]:
+                    best = float("inf")
+                    for _ in range(args.repeats):
+                        start = time.perf_counter()
+                        kernel(g, x, indices)
+                        best = min(best, time.perf_counter() - start)
+                    ms[name] = best * 1e3
+                pick = choose_value_grad(d_out, d_in, k, dtype)
+                rows.append({"d_out": d_out, "d_in": d_in, "k": k, "density": density, "dtype": dtype_name, **ms,
+                             "pick": pick})
+                lines.append(f"| {d_out}×{d_in} | {density:.3f} | {dtype_name} | {ms['dense']:.1f} | {ms['sampled']:.1f} "
+                             f"| {min(ms, key=ms.get)} | {pick} |")
+                print(lines[-1], flush=True)
+    note = (f"\n`python scripts/bench.py kernels {' '.join(args.argv)}` on {machine()}; {args.threads} threads; "
+            f"{args.tokens} tokens; best of {args.repeats}.\n")
+    save(args.name, {"machine": machine(), "args": args.argv, "rows": rows}, "\n".join(lines) + "\n" + note)
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    d_out, d_in = (int(v) for v in text.split("x"))
+    return d_out, d_in
 
 
 def parse_model(text: str) -> tuple[str, int, int]:
@@ -358,7 +376,15 @@ def main() -> None:
                    help="time the steps in the memory process too (half the cost; mmap'd allocations are a little slower)")
     p = sub.add_parser("salience", help="seconds per SPEFT metric on 1024 MRPC examples")
     p.add_argument("--examples", type=int, default=1024)
-    sub.add_parser("kernels", help="SPEFT value-gradient kernels alone")
+    p = sub.add_parser("kernels", help="SPEFT value-gradient kernels alone")
+    p.add_argument("--shapes", type=parse_shape, nargs="+", default=[(384, 384), (1536, 384), (384, 1536), (1024, 1024)],
+                   help="d_outxd_in, e.g. 14336x4096 (default: MiniLM-L6's)")
+    p.add_argument("--tokens", type=int, default=16 * 128)
+    p.add_argument("--lora-rank", type=int, default=8, help="the first density: LoRA-r-matched, r·(d_out + d_in) entries")
+    p.add_argument("--densities", type=float, nargs="*", default=[0.05, 0.2])
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=list(DTYPES))
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--name", default="kernels", help="results/bench/<name>.{json,md}")
     w = sub.add_parser("_worker")  # one configuration, in its own process; prints one JSON line
     for flag in ("--model", "--variant", "--scope"):
         w.add_argument(flag, required=True)

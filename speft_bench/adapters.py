@@ -41,6 +41,19 @@ def frozen_weight(ctx, layer: str) -> Tensor:
     return ctx.weight
 
 
+def compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
+    """The dtype a sparse tuner's Function computes in: autocast's where autocast would cast the weight, else the weight's.
+
+    Its input, frozen weight and trainable tensor (an fp32 master in a bf16 body) are all cast to it, so
+    they meet in one dtype; the output comes out in it, and backward, which runs without autocast, takes
+    it from ``grad_out``.  Like autocast, float64 is never cast.
+    """
+    device = x.device.type
+    if torch.is_autocast_enabled(device) and weight.dtype != torch.float64:
+        return torch.get_autocast_dtype(device)
+    return weight.dtype
+
+
 def is_integer_dtype(dtype: torch.dtype) -> bool:
     """Integer index dtypes (int8 … int64, uint8): not floating, complex or bool."""
     return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)

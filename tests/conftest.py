@@ -64,3 +64,59 @@ def minilm():
         return AutoModelForSequenceClassification.from_pretrained(package_path(MINILM), num_labels=num_labels)
 
     return load
+
+
+def tiny_llama(vocab_size: int = 97):
+    """A 2-block random-init LlamaForCausalLM (SmolLM2's family and target names), seed 0."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(config)
+
+
+def instruct_batch(n: int = 16, width: int = 24) -> dict:
+    """Right-padded causal-LM sequences whose response lengths differ (2 … n+1 tokens), prompt masked."""
+    import torch
+
+    from speft_bench.batches import IGNORE_INDEX
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 97, (n, width), generator=g)
+    labels, mask = torch.full_like(ids, IGNORE_INDEX), torch.ones_like(ids)
+    for i in range(n):
+        end = 8 + i  # prompt: 6 tokens; response: 2 + i tokens; then padding
+        labels[i, 6:end] = ids[i, 6:end]
+        mask[i, end:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def prepare_method(model, overrides, batch):
+    """The method of ``compose_config(*overrides)`` attached to ``model``; calibration batches are
+    ``batch`` split as the method asks.  Returns (model, typed train spec)."""
+    from speft_bench.batches import micro_batches
+    from speft_bench.methods import METHODS, MethodContext
+    from speft_bench.schemas import validate
+
+    cfg = compose_config(*overrides)
+    typed = validate(cfg)
+    ctx = MethodContext(cfg, typed, calibration_batches=lambda round_, n, size: micro_batches(batch, size))
+    return METHODS[typed["method"].name]().prepare(model, ctx).model, typed["train"]
+
+
+def gradients(model) -> dict:
+    """The trainable parameters' gradients by name (cloned), then cleared."""
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def assert_close(a: dict, b: dict, **tolerance) -> None:
+    """Same names, and each tensor within ``tolerance`` (torch.testing.assert_close's rtol/atol)."""
+    import torch
+
+    assert a.keys() == b.keys() and len(a) > 0
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], msg=name, **tolerance)

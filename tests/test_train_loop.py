@@ -11,12 +11,11 @@ from torch.utils.data import DataLoader
 
 from speft_bench.batches import IGNORE_INDEX, loss_terms, micro_batches
 from speft_bench.device import resolve_device
-from speft_bench.methods import METHODS, MethodContext
 from speft_bench.run import enable_gradient_checkpointing, forward_backward
 from speft_bench.schemas import ConfigError, validate
 from speft_bench.tasks import TASK_KINDS
 
-from conftest import compose_config
+from conftest import assert_close, compose_config, gradients, instruct_batch, prepare_method, saved_numels, tiny_llama
 
 CPU = torch.device("cpu")
 GLUE = ("task=mrpc", "task.max_length=48")
@@ -34,46 +33,6 @@ def mrpc_batch():
     return next(iter(DataLoader(data.train, batch_size=16, collate_fn=data.collate)))
 
 
-def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(config)
-
-
-def instruct_batch(n: int = 16, width: int = 24) -> dict:
-    """Right-padded sequences whose response lengths differ (1 … 16 tokens), prompt tokens masked."""
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, 97, (n, width), generator=g)
-    labels, mask = torch.full_like(ids, IGNORE_INDEX), torch.ones_like(ids)
-    for i in range(n):
-        length = 8 + i  # prompt 6 tokens, response 2 + i tokens, then padding
-        labels[i, 6:length] = ids[i, 6:length]
-        mask[i, length:] = 0
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def prepared(model, overrides, batch):
-    cfg = compose_config(*overrides)
-    typed = validate(cfg)
-    ctx = MethodContext(cfg, typed, calibration_batches=lambda round_, n, size: micro_batches(batch, size))
-    return METHODS[typed["method"].name]().prepare(model, ctx).model, typed["train"]
-
-
-def gradients(model) -> dict[str, torch.Tensor]:
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad(set_to_none=True)
-    return grads
-
-
-def assert_close(a: dict, b: dict, **tol) -> None:
-    assert a.keys() == b.keys() and len(a) > 0
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], msg=name, **tol)
-
-
 def test_loss_terms_count_examples_or_shifted_response_tokens():
     batch = instruct_batch()
     assert loss_terms(batch) == sum(2 + i for i in range(16))
@@ -86,7 +45,7 @@ def test_loss_terms_count_examples_or_shifted_response_tokens():
 @pytest.mark.parametrize("method", ["full", "lora", "speft"])
 def test_4x4_accumulation_gives_the_gradients_of_one_batch_of_16_glue(minilm, mrpc_batch, method):
     extra = ("metric=gradient", "method.calibration_examples=16") if method == "speft" else ()
-    model, spec = prepared(minilm(), (f"method={method}", *GLUE, *extra), mrpc_batch)
+    model, spec = prepare_method(minilm(), (f"method={method}", *GLUE, *extra), mrpc_batch)
     model.eval()  # dropout would draw other masks in the two passes
     whole = forward_backward(model, mrpc_batch, 0, spec, CPU)
     reference = gradients(model)
@@ -100,7 +59,7 @@ def test_4x4_accumulation_gives_the_gradients_of_one_batch_of_16_glue(minilm, mr
 def test_4x4_accumulation_gives_the_gradients_of_one_batch_of_16_instruct(method):
     batch = instruct_batch()
     extra = ("metric=l2", "method.r=4") if method == "spsft" else ()
-    model, spec = prepared(tiny_llama(), (f"method={method}", *INSTRUCT, *extra), batch)
+    model, spec = prepare_method(tiny_llama(), (f"method={method}", *INSTRUCT, *extra), batch)
     model.eval()
     whole = forward_backward(model, batch, 0, spec, CPU)
     reference = gradients(model)
@@ -119,7 +78,7 @@ def test_4x4_accumulation_gives_the_gradients_of_one_batch_of_16_instruct(method
 def test_gradient_checkpointing_gives_identical_gradients(method):
     batch = instruct_batch()
     extra = {"speft": ("metric=gradient", "method.calibration_examples=16"), "spsft": ("metric=l2", "method.r=4")}
-    model, spec = prepared(tiny_llama(), (f"method={method}", *INSTRUCT, *extra.get(method, ())), batch)
+    model, spec = prepare_method(tiny_llama(), (f"method={method}", *INSTRUCT, *extra.get(method, ())), batch)
     model.train()  # checkpointing only acts in training mode; the tiny Llama has no dropout
     plain_loss = forward_backward(model, batch, 0, spec, CPU)
     plain = gradients(model)
@@ -131,10 +90,8 @@ def test_gradient_checkpointing_gives_identical_gradients(method):
 
 
 def test_gradient_checkpointing_saves_fewer_activations():
-    from conftest import saved_numels
-
     batch = instruct_batch()
-    model, spec = prepared(tiny_llama(), ("method=lora", *INSTRUCT), batch)
+    model, spec = prepare_method(tiny_llama(), ("method=lora", *INSTRUCT), batch)
     model.train()
     plain = sum(saved_numels(lambda: model(**batch).loss.backward()))
     enable_gradient_checkpointing(model)

@@ -65,7 +65,7 @@ class SPEFT(Method):
 
         model.requires_grad_(False)
         indices, cost = choose(0)
-        layers = attach_sparse_deltas(model, indices)
+        layers = attach_sparse_deltas(model, indices, spec.value_grad)
         trainable = {f"{name}.values": layer.values for name, layer in layers.items()}
         if spec.train_head:
             trainable |= head_parameters(model)

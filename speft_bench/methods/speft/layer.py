@@ -19,73 +19,93 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from speft_bench.adapters import frozen_weight, is_integer_dtype, keep_frozen_weight
+from speft_bench.adapters import compute_dtype, frozen_weight, is_integer_dtype, keep_frozen_weight
 
 ValueGrad = Literal["auto", "dense", "sampled"]
 
-# Cost model for choosing the value-gradient kernel, in units of one multiply-add of a dense GEMM,
-# per token (both kernels scale with the number of tokens N, so N cancels).  Measured on a 2-core
-# AVX-512 EPYC with torch 2.13 (`python scripts/bench.py kernels`):
-#   dense-then-gather: d_out·d_in MACs at BLAS speed; transient d_out × d_in.
-#   sampled (SDDMM):   k MACs as dot products over tokens, ~4× a GEMM MAC (no register blocking),
-#                      plus transposing both activations, ~110× per element: the reduction runs over
-#                      tokens, the strided axis of both g and x.  Transient chunk × (d_in + d_out).
+# Cost model for choosing the value-gradient kernel, in units of one multiply-add of a dense float32
+# GEMM, per token (both kernels scale with the number of tokens N, so N cancels), for g and x in the
+# dtype of the layer's compute.  Measured on a 2-core AVX-512 (+BF16) EPYC with torch 2.13
+# (`python scripts/bench.py kernels`, BENCHMARKS.md):
+#   dense-then-gather: d_out·d_in MACs at BLAS speed in the inputs' dtype (bf16 via AVX512-BF16 is
+#                      faster than fp32; fp16 has no fast CPU GEMM); transient d_out × d_in.
+#   sampled (SDDMM):   k MACs as float32 dot products over tokens (the CPU kernel has no bf16/fp16),
+#                      ~4× a GEMM MAC (no register blocking), plus transposing both activations into
+#                      float32, per element: the reduction runs over tokens, the strided axis of both
+#                      g and x.  Transient chunk × (d_in + d_out) in float32.
 # The transpose term, not the N × k of a gather-based SDDMM, is what the sampled kernel pays for;
-# at LoRA-matched budgets (density 1–5 %) it is still 2× cheaper than the dense product.
+# at LoRA-matched budgets (density 1–5 %) it is still cheaper than the dense product in float32.
+# Dtypes not listed (float64: tests) use float32's costs.
 SAMPLED_MAC_COST = 4
-TRANSPOSE_COST = 110
+DENSE_MAC_COST = {torch.float32: 1.0, torch.bfloat16: 0.4, torch.float16: 18.0}
+TRANSPOSE_COST = {torch.float32: 110, torch.bfloat16: 110, torch.float16: 110}
 TOKEN_CHUNK = 512  # tokens per sampled call: keeps the transposed chunks in cache (measured best)
 
 
-def choose_value_grad(d_out: int, d_in: int, k: int) -> Literal["dense", "sampled"]:
-    """The cheaper value-gradient kernel for a d_out × d_in layer with k trainable entries."""
-    sampled = SAMPLED_MAC_COST * k + TRANSPOSE_COST * (d_in + d_out)
-    return "sampled" if sampled < d_out * d_in else "dense"
+def choose_value_grad(d_out: int, d_in: int, k: int, dtype: torch.dtype = torch.float32) -> Literal["dense", "sampled"]:
+    """The cheaper value-gradient kernel for a d_out × d_in layer with k trainable entries, g and x in ``dtype``."""
+    sampled = SAMPLED_MAC_COST * k + TRANSPOSE_COST.get(dtype, TRANSPOSE_COST[torch.float32]) * (d_in + d_out)
+    return "sampled" if sampled < DENSE_MAC_COST.get(dtype, 1.0) * d_out * d_in else "dense"
+
+
+def grad_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype value gradients are accumulated and returned in: float32, or float64 for float64 inputs."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _with_delta(weight: Tensor, indices: Tensor, values: Tensor) -> Tensor:
-    """W + Δ as a new (d_out, d_in) tensor; ``weight`` is untouched."""
-    return weight.reshape(-1).index_add(0, indices, values).view_as(weight)
+    """W + Δ as a new (d_out, d_in) tensor in W's dtype; ``weight`` is untouched."""
+    return weight.reshape(-1).index_add(0, indices, values.to(weight.dtype)).view_as(weight)
 
 
 def dense_value_grad(grad_out: Tensor, x: Tensor, indices: Tensor) -> Tensor:
-    """(gᵀ x)[indices] for g (N, d_out), x (N, d_in) → (k,): one GEMM, d_out × d_in transient."""
-    return (grad_out.t() @ x).view(-1).index_select(0, indices)
+    """(gᵀ x)[indices] for g (N, d_out), x (N, d_in) → (k,) in ``grad_dtype``: one GEMM in the inputs'
+    dtype (BLAS accumulates bf16 in float32; the output is rounded to it), d_out × d_in transient."""
+    return (grad_out.t() @ x).view(-1).index_select(0, indices).to(grad_dtype(x.dtype))
 
 
-def _token_minor(a: Tensor) -> Tensor:
-    """(B, d) → (d, B) contiguous.  Through a 3-D view the copy runs on TensorIterator's 2 threads
-    instead of ATen's single-threaded 2-D transpose path: ~1.7× faster for (512, 384) chunks."""
-    return a.unsqueeze(0).transpose(1, 2).contiguous()[0]
+def _token_minor(a: Tensor, dtype: torch.dtype) -> Tensor:
+    """(B, d) → (d, B) contiguous in ``dtype``: one copy transposes and converts.  Through a 3-D view the
+    copy runs on TensorIterator's 2 threads instead of ATen's single-threaded 2-D transpose path: ~1.7×
+    faster for (512, 384) chunks."""
+    return a.unsqueeze(0).transpose(1, 2).to(dtype, memory_format=torch.contiguous_format)[0]
 
 
 def sampled_value_grad(grad_out: Tensor, x: Tensor, indices: Tensor) -> Tensor:
-    """(gᵀ x)[indices] for g (N, d_out), x (N, d_in) → (k,), computing only the k sampled entries.
+    """(gᵀ x)[indices] for g (N, d_out), x (N, d_in) → (k,) in ``grad_dtype``, computing only the k entries.
 
     Uses the CSR SDDMM kernel (``torch.sparse.sampled_addmm``), which takes dot products along
     contiguous rows of gᵀ and xᵀ; ``indices`` must be sorted so that flat order is CSR order.
-    Chunked over tokens, accumulating into the pattern's values (beta=1).
+    Chunked over tokens, each chunk converted to ``grad_dtype`` (the kernel rejects bf16 and fp16),
+    accumulating into the pattern's values (beta=1).
     """
     d_out, d_in = grad_out.shape[1], x.shape[1]
+    dtype = grad_dtype(x.dtype)
     rows, cols = indices // d_in, indices % d_in
     row_starts = torch.arange(d_out + 1, dtype=rows.dtype, device=rows.device)
     crow = torch.searchsorted(rows, row_starts, out_int32=rows.dtype == torch.int32)
     with warnings.catch_warnings():  # "sparse CSR support is in beta"; we only use a stable kernel
         warnings.simplefilter("ignore", UserWarning)
         # zeros, not empty: beta=0 still multiplies the old values, so NaN garbage would propagate
-        acc = torch.sparse_csr_tensor(crow, cols, x.new_zeros(len(indices)), (d_out, d_in),
+        acc = torch.sparse_csr_tensor(crow, cols, x.new_zeros(len(indices), dtype=dtype), (d_out, d_in),
                                       check_invariants=False)
     for start in range(0, x.shape[0], TOKEN_CHUNK):
         chunk = slice(start, start + TOKEN_CHUNK)
-        acc = torch.sparse.sampled_addmm(acc, _token_minor(grad_out[chunk]), _token_minor(x[chunk]).t(), beta=1.0)
+        acc = torch.sparse.sampled_addmm(acc, _token_minor(grad_out[chunk], dtype), _token_minor(x[chunk], dtype).t(),
+                                         beta=1.0)
     return acc.values()
 
 
 class SparseDeltaFunction(torch.autograd.Function):
-    """y = F.linear(x, W + Δ, b), differentiable in x and the k values only (W, b frozen).
+    """y = F.linear(x, W + Δ, b) computed in ``dtype``, differentiable in x and the k values only (W, b frozen).
 
-    Saved for backward: x (…, d_in), the values and indices (k,).  The frozen weight is held on
-    ``ctx`` instead: it is the parameter itself (no copy), and keeping it out of the saved tensors
+    x, W + Δ (built in W's dtype) and b are cast to ``dtype`` (``adapters.compute_dtype``: autocast's or
+    W's), so fp32 values in a bf16 body and bf16 autocast over fp32 weights both work; backward needs no
+    autocast.  Gradients come back in their tensors' dtypes: grad_x is cast to x's by autograd, the value
+    gradient is accumulated in float32 by ``kernel`` and cast to the values' dtype (an fp32 master stays fp32).
+
+    Saved for backward: x (…, d_in) in ``dtype``, the values and indices (k,).  The frozen weight is held
+    on ``ctx`` instead: it is the parameter itself (no copy), and keeping it out of the saved tensors
     keeps them activation-only for saved-tensor accounting.  Autograd does not version-check it
     there, so backward does: an in-place edit of W mid-step fails loudly instead of giving wrong
     gradients.
@@ -93,24 +113,26 @@ class SparseDeltaFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, values: Tensor, weight: Tensor, bias: Tensor | None, indices: Tensor,
-                value_grad: str) -> Tensor:
+                dtype: torch.dtype, kernel: str) -> Tensor:
+        x = x.to(dtype)
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, values, indices)
         keep_frozen_weight(ctx, weight)
-        ctx.value_grad = value_grad
-        return F.linear(x, _with_delta(weight, indices, values), bias)  # W_eff freed on return
+        ctx.kernel = kernel
+        # W_eff freed on return
+        return F.linear(x, _with_delta(weight, indices, values).to(dtype), None if bias is None else bias.to(dtype))
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         x, values, indices = ctx.saved_tensors
         weight = frozen_weight(ctx, "SparseDeltaLinear")
         grad_x = grad_values = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ _with_delta(weight, indices, values)  # (…, d_out) @ (d_out, d_in)
+        if ctx.needs_input_grad[0]:  # (…, d_out) @ (d_out, d_in), in the forward's dtype (grad_out's)
+            grad_x = grad_out @ _with_delta(weight, indices, values).to(grad_out.dtype)
         if ctx.needs_input_grad[1]:
             g2, x2 = grad_out.reshape(-1, weight.shape[0]), x.reshape(-1, weight.shape[1])
-            kernel = sampled_value_grad if ctx.value_grad == "sampled" else dense_value_grad
-            grad_values = kernel(g2, x2, indices)
-        return grad_x, grad_values, None, None, None, None
+            kernel = sampled_value_grad if ctx.kernel == "sampled" else dense_value_grad
+            grad_values = kernel(g2, x2, indices).to(values.dtype)
+        return grad_x, grad_values, None, None, None, None, None
 
 
 class SparseDeltaLinear(nn.Module):
@@ -120,9 +142,11 @@ class SparseDeltaLinear(nn.Module):
         base: the linear to wrap, kept as a submodule so its weights stay at ``<name>.base.*``.
         indices: (k,) flat indices into the (d_out, d_in) weight, unique; stored sorted, as int32
             when d_out·d_in fits.
-        value_grad: "auto" picks the cheaper kernel (``choose_value_grad``); "dense"/"sampled" force one.
+        value_grad: "auto" picks the cheaper kernel for the forward's dtype (``choose_value_grad``);
+            "dense"/"sampled" force one.
 
-    Shapes: input (…, d_in) → output (…, d_out); ``values`` (k,) in the weight's dtype, zero at start.
+    Shapes: input (…, d_in) → output (…, d_out); ``values`` (k,), zero at start, in the weight's dtype
+    until the run gives them their own (``speft_bench.precision``: fp32 masters in a bf16 body).
     """
 
     def __init__(self, base: nn.Linear, indices: Tensor, value_grad: ValueGrad = "auto"):
@@ -149,17 +173,18 @@ class SparseDeltaLinear(nn.Module):
     def merged(self) -> bool:
         return self._merged is not None
 
-    @property
-    def value_grad(self) -> Literal["dense", "sampled"]:
+    def value_grad(self, dtype: torch.dtype) -> Literal["dense", "sampled"]:
+        """The value-gradient kernel this layer's backward runs when its forward computes in ``dtype``."""
         if self.value_grad_mode != "auto":
             return self.value_grad_mode
-        return choose_value_grad(*self.base.weight.shape, self.k)
+        return choose_value_grad(*self.base.weight.shape, self.k, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.base.weight.requires_grad:
             raise RuntimeError("SparseDeltaLinear trains only its values; the base weight must stay frozen")
-        return SparseDeltaFunction.apply(x, self.values, self.base.weight, self.base.bias, self.indices,
-                                         self.value_grad)
+        dtype = compute_dtype(x, self.base.weight)
+        return SparseDeltaFunction.apply(x, self.values, self.base.weight, self.base.bias, self.indices, dtype,
+                                         self.value_grad(dtype))
 
     @torch.no_grad()
     def set_mask(self, indices: Tensor) -> None:
@@ -191,7 +216,7 @@ class SparseDeltaLinear(nn.Module):
         if self._merged is None:
             self._merged = (flat.index_select(0, self.indices), torch.zeros_like(self.values))
         self._merged[1].add_(self.values)
-        flat.index_add_(0, self.indices, self.values)
+        flat.index_add_(0, self.indices, self.values.to(flat.dtype))  # an fp32 master is rounded to a bf16 W here
         self.values.zero_()
 
     @torch.no_grad()
@@ -210,4 +235,4 @@ class SparseDeltaLinear(nn.Module):
         return _with_delta(torch.zeros_like(self.base.weight), self.indices, self.values)
 
     def extra_repr(self) -> str:
-        return f"k={self.k}, density={self.density:.4g}, value_grad={self.value_grad}, merged={self.merged}"
+        return f"k={self.k}, density={self.density:.4g}, value_grad={self.value_grad_mode}, merged={self.merged}"

@@ -46,6 +46,12 @@ def attach_sparse_deltas(model: nn.Module, indices: dict[str, Tensor],
     return wrap_linears(model, indices, lambda name, linear: SparseDeltaLinear(linear, indices[name], value_grad))
 
 
+def value_grad_counts(layers: dict[str, SparseDeltaLinear], dtype: torch.dtype) -> dict[str, int]:
+    """How many layers run each value-gradient kernel when the forward computes in ``dtype`` (for the record)."""
+    kernels = [layer.value_grad(dtype) for layer in layers.values()]
+    return {kernel: kernels.count(kernel) for kernel in ("sampled", "dense")}
+
+
 def detach_sparse_deltas(model: nn.Module, merge: bool) -> dict[str, nn.Linear]:
     """Put plain ``nn.Linear`` modules back: with the delta added into W (``merge``) or without it.
 
@@ -125,4 +131,4 @@ def _checked_layer(path: str | Path, model: nn.Module, name: str, tensors: dict[
         raise AdapterError(f"{where}: indices contain duplicates")
     if not torch.isfinite(values).all():
         raise AdapterError(f"{where}: values contain NaN or inf")
-    return flat, values.to(module.weight.dtype)
+    return flat, values  # copy_ casts them to the layer's values dtype

@@ -112,4 +112,4 @@ def _checked_layer(path: str | Path, model: nn.Module, name: str, tensors: dict[
                            f"got {tuple(delta.shape)}")
     if not torch.isfinite(delta).all():
         raise AdapterError(f"{where}: delta contains NaN or inf")
-    return rows.long(), delta.to(module.weight.dtype)
+    return rows.long(), delta  # copy_ casts it to the layer's delta dtype

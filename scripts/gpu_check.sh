@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The prepared GPU check (< 9 min on one CUDA GPU): the tests marked `gpu`, then the paper-shape
+# bench if present; JSON/XML/logs into $OUT (the device tool's folder) or the folder given as $1.
+# The GPU machine has torch, transformers, peft, accelerate and pandas but no network and no hydra,
+# omegaconf or pytest: `make wheelhouse` here, carry wheelhouse/ with the tree, and this script
+# installs it with `pip install --no-index`.
+#   run: bash scripts/gpu_check.sh        (device tool: carry=["wheelhouse"], timeout_s=560)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${1:-${OUT:-results/gpu}}"
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
+       WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
+start=$(date +%s)
+python - <<'PY' || pip install --no-index --find-links wheelhouse -q hydra-core omegaconf pytest
+import hydra, omegaconf, pytest  # noqa: F401
+PY
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; python -c \
+  "import torch, transformers, peft; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'peft', peft.__version__)"; } \
+  > "$OUT/environment.txt" 2>&1
+timeout 300 python -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py --junitxml="$OUT/gpu_tests.xml" \
+  > "$OUT/gpu_tests.log" 2>&1
+tests_rc=$?
+bench_rc=skipped
+if [ -f scripts/bench_paper_shape.py ]; then
+  timeout $((520 - ($(date +%s) - start))) python scripts/bench_paper_shape.py --out "$OUT/paper_shape.json" \
+    > "$OUT/paper_shape.log" 2>&1
+  bench_rc=$?
+fi
+printf '{"tests_rc": %s, "bench_rc": "%s", "wall_s": %s}\n' "$tests_rc" "$bench_rc" "$(( $(date +%s) - start ))" \
+  | tee "$OUT/summary.json"
+tail -3 "$OUT/gpu_tests.log"

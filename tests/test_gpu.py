@@ -1,0 +1,69 @@
+"""On a CUDA device: placement, every method training in every precision, accumulation and
+checkpointing equalities.  Skipped without a GPU; ``scripts/gpu_check.sh`` runs them.
+
+Only tiny random-init Llamas (no weights to download): the GPU machine has no network.
+"""
+
+import pytest
+import torch
+
+from speft_bench import precision
+from speft_bench.device import device_record, resolve_device
+from speft_bench.run import enable_gradient_checkpointing, forward_backward
+
+from conftest import assert_close, gradients, instruct_batch, prepare_method, tiny_llama
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+INSTRUCT = ("model=smollm2_135m", "task=gsm8k")
+METHOD_OVERRIDES = {"full": (), "lora": (), "pissa": (), "dora": (),
+                    "speft": ("metric=gradient", "method.calibration_examples=16"),
+                    "spsft": ("metric=l2", "method.r=4")}
+
+
+def on_cuda(batch: dict) -> dict:
+    return {k: v.cuda() for k, v in batch.items()}
+
+
+@pytest.mark.parametrize("train_precision", ["fp32", "bf16", "bf16-mixed"])
+@pytest.mark.parametrize("method", sorted(METHOD_OVERRIDES))
+def test_every_method_trains_on_cuda_in_every_precision(method, train_precision):
+    device = resolve_device("auto")
+    assert device.type == "cuda"
+    batch = instruct_batch()
+    model = tiny_llama().to(device, precision.body_dtype(train_precision))
+    overrides = (f"method={method}", *INSTRUCT, *METHOD_OVERRIDES[method], f"train.precision={train_precision}")
+    model, spec = prepare_method(model, overrides, on_cuda(batch))
+    info = precision.setup(model, spec)
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    model.train()
+    losses = []
+    for step in range(3):
+        losses.append(forward_backward(model, batch, step, spec, device))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert all(p.device.type == "cuda" for p in model.parameters())
+    assert all(p.dtype == torch.float32 for p in params), info  # fp32 masters (train.master_fp32=true)
+    if train_precision == "bf16":
+        frozen = [p for p in model.parameters() if not p.requires_grad]
+        assert frozen == [] or all(p.dtype == torch.bfloat16 for p in frozen)
+    assert any(not torch.equal(a, p.detach()) for a, p in zip(before, params))
+    assert device_record(device)["peak_allocated_mb"] > 0
+
+
+def test_accumulation_and_checkpointing_equalities_on_cuda():
+    device = resolve_device("cuda")
+    batch = instruct_batch()
+    model, spec = prepare_method(tiny_llama().to(device), ("method=lora", *INSTRUCT), on_cuda(batch))
+    model.train()
+    whole = forward_backward(model, batch, 0, spec, device)
+    reference = gradients(model)
+    spec.micro_batch_size = 4
+    assert forward_backward(model, batch, 0, spec, device) == pytest.approx(whole, rel=1e-5)
+    assert_close(gradients(model), reference, rtol=1e-4, atol=1e-6)
+    spec.micro_batch_size = None
+    enable_gradient_checkpointing(model)
+    assert forward_backward(model, batch, 0, spec, device) == pytest.approx(whole, rel=1e-6)
+    assert_close(gradients(model), reference, rtol=1e-5, atol=1e-7)
