@@ -1,0 +1,123 @@
+"""Bring committed run records up to the current config schema, so resume and `make tables` find them.
+
+When the schema gains a knob, a rerun of a record's own command composes a config (and a hash) that
+differs from the stored one by the new key, and resume no longer finds the record.  For every record
+under the given folders this recomposes the config from ``record["command"]``, checks that it differs
+from the stored one only as ``MIGRATION`` allows, and rewrites ``config`` and ``config_hash``; the
+previous hash and the changes are appended to ``record["migrations"]``.  Any other difference stops the
+script naming the record and the key: a record is never silently relabelled.
+
+    python scripts/migrate_records.py results        # rewrite in place (atomically, one record at a time)
+    python scripts/migrate_records.py --check results  # exit 1 if a record needs migrating
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from speft_bench import records  # noqa: E402
+from speft_bench.schemas import PROJECT_ROOT, register_schemas  # noqa: E402
+
+# The paper-scale change (train.device/precision/…): each new key is at a value that does exactly what
+# the committed runs did (CPU here, fp32, no accumulation or checkpointing, pretrained weights);
+# model.dtype (float32 in every committed record) became train.precision=fp32.
+MIGRATION = {
+    "name": "paper-scale knobs (device, precision, accumulation, checkpointing, random init, salience memory)",
+    "added": {"train.device": "auto", "train.precision": "fp32", "train.master_fp32": True,
+              "train.micro_batch_size": None, "train.gradient_checkpointing": False, "model.init": "pretrained",
+              "model.architecture": None, "model.num_layers": None, "method.calibration_micro_batch": None,
+              "method.salience_offload": False, "method.value_grad": "auto", "dry_run": False},
+    "removed": {"model.dtype": "float32"},
+    # a changed default: the stored value is what the run used, and stays (a rerun at the new default is
+    # another run; resume does not take the old record for it)
+    "kept": ("task.eval.batch_size",),
+}
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            out |= flatten(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def set_path(config: dict[str, Any], path: str, value: Any) -> None:
+    *parents, leaf = path.split(".")
+    for key in parents:
+        config = config[key]
+    config[leaf] = value
+
+
+def recompose(command: str) -> dict[str, Any]:
+    """The resolved config a rerun of ``command`` (``python -m speft_bench <overrides>``) composes today."""
+    overrides = [a for a in shlex.split(command)[3:] if not a.startswith("--")]
+    register_schemas()
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        return records.resolved_config(compose(config_name="config", overrides=overrides))
+
+
+def migrated(record: dict[str, Any], where: Path) -> dict[str, Any] | None:
+    """The record with today's config and hash, or None when it is current; ValueError if not allowed."""
+    old, new = flatten(record["config"]), recompose(record["command"])
+    flat_new = flatten(new)
+    changes = {}
+    for path in sorted(old.keys() | flat_new.keys()):
+        if path.split(".")[0] in records.NOT_IDENTITY:
+            continue
+        before, after = old.get(path, "<absent>"), flat_new.get(path, "<absent>")
+        if before == after:
+            continue
+        if path in MIGRATION["added"] and before == "<absent>" and after == MIGRATION["added"][path]:
+            changes[path] = {"added": after}
+        elif path in MIGRATION["removed"] and after == "<absent>" and before == MIGRATION["removed"][path]:
+            changes[path] = {"removed": before}
+        elif path in MIGRATION["kept"] and before != "<absent>":
+            set_path(new, path, before)
+            changes[path] = {"kept": before, "default_now": after}
+        else:
+            raise ValueError(f"{where}: {path} is {before!r} in the record but {after!r} when its command is "
+                             f"recomposed; not a change of {MIGRATION['name']!r}")
+    for key in records.NOT_IDENTITY:  # where and how it ran: as it was
+        if key in record["config"]:
+            new[key] = record["config"][key]
+    digest = records.config_hash(new)
+    if digest == record["config_hash"] and not changes:
+        return None
+    history = record.get("migrations", []) + [{"name": MIGRATION["name"], "from_hash": record["config_hash"],
+                                               "changes": changes}]
+    return record | {"config": new, "config_hash": digest, "migrations": history}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("roots", nargs="+", type=Path)
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if any record needs migrating")
+    args = parser.parse_args()
+    stale = 0
+    for root in args.roots:
+        for path in sorted(root.rglob(records.RECORD_NAME)):
+            record = records.read_record(path)
+            if record.get("command") is None or (update := migrated(record, path)) is None:
+                continue
+            stale += 1
+            if not args.check:
+                records.write_json_atomic(path, update)
+                print(f"{path}: {record['config_hash']} -> {update['config_hash']}")
+    print(f"{stale} record(s) {'need migrating' if args.check else 'migrated'}")
+    return 1 if args.check and stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
