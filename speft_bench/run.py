@@ -125,8 +125,9 @@ def train(model, loader: DataLoader, spec: TrainSchema, on_step, logger: RunLogg
     with progress(total=total, desc="train") as bar:
         while step < total:
             for batch in loader:
-                if on_step is not None:
-                    on_step(step, optimizer)
+                if on_step is not None:  # a mask refresh's salience forward meets the fp32 head, as training's does
+                    with precision.autocast(spec, device):
+                        on_step(step, optimizer)
                 loss = forward_backward(model, batch, step, spec, device)
                 if spec.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
