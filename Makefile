@@ -27,7 +27,8 @@ demo:  ## LoRA r=8 on MiniLM-L6, full MRPC train split, dev accuracy/F1 (about 1
 	$(PY) -m speft_bench method=lora task=mrpc paths.output_dir=results/demo
 
 bench:  ## step time, memory and salience cost per method -> results/bench/ (about 40 min on 2 cores)
-	$(PY) scripts/bench.py kernels
+	$(PY) scripts/bench.py kernels --threads 1 --repeats 9
+	$(PY) scripts/bench.py kernels --name kernels_llama3 --shapes 4096x4096 1024x4096 14336x4096 4096x14336 --tokens 256 --lora-rank 64 --densities 0.01 0.1 --repeats 5 --threads 1
 	$(PY) scripts/bench.py salience
 	$(PY) scripts/bench.py steps --name steps_minilm --models minilm_l6:16x128
 	$(PY) scripts/bench.py steps --name steps_smollm2 --models smollm2_135m:16x128 --steps 3

@@ -208,8 +208,8 @@ def worker(args) -> dict:
     return result | {"round_medians_s": rounds, "step_s": statistics.median(times)}
 
 
-def run_worker(cli: list[str], env: dict | None = None) -> dict:
-    done = subprocess.run([sys.executable, __file__, "_worker", *cli], capture_output=True, text=True,
+def run_worker(cli: list[str], env: dict | None = None, command: str = "_worker") -> dict:
+    done = subprocess.run([sys.executable, __file__, command, *cli], capture_output=True, text=True,
                           env=os.environ | (env or {}), cwd=ROOT)
     if done.returncode:
         raise RuntimeError(f"worker {cli} failed:\n{done.stderr[-3000:]}")
@@ -283,7 +283,7 @@ def salience(args) -> None:
     tokenizer = load_tokenizer(source, typed["model"])
     model = load_model(typed["model"], typed["task"], source, tokenizer, torch.float32)
     train = TokenizedSplit(load_glue(typed["task"], typed["paths"].data_root)["train"], tokenizer, typed["task"].max_length)
-    batches = calibration_sampler(train, DataCollatorWithPadding(tokenizer), seed=0)(0, args.examples, 16)
+    batches = calibration_sampler(train, DataCollatorWithPadding(tokenizer), 0, torch.device("cpu"))(0, args.examples, 16)
     weights = {n: m.weight for n, m in targets_for(model, typed["model"], TargetScope.all).items()}
     shapes = {n: tuple(w.shape) for n, w in weights.items()}
     k = lora_param_count(shapes, 8)
@@ -349,6 +349,176 @@ def kernels(args) -> None:
     save(args.name, {"machine": machine(), "args": args.argv, "rows": rows}, "\n".join(lines) + "\n" + note)
 
 
+def eval_memory(args) -> None:
+    """lm-eval's peak memory and wall time per eval batch size, each in a fresh process."""
+    rows = [run_worker(["--model", args.model, "--batch-size", str(b), "--limit", str(args.limit),
+                        "--threads", str(args.threads)], MMAP, "_eval_worker") | {"batch_size": b}
+            for b in args.batch_sizes]
+    lines = [f"# lm-eval memory: {args.model}, MMLU 5-shot, {args.limit} question(s) per subject "
+             f"({machine()})", "", "| eval batch | peak RSS above the loaded model (MB) | wall (s) | acc |",
+             "|---|---|---|---|"]
+    lines += [f"| {r['batch_size']} | {r['eval_mb']:.0f} | {r['eval_s']:.1f} | {r['acc']:.4f} |" for r in rows]
+    save(args.name, {"machine": machine(), "command": "python scripts/bench.py " + " ".join(args.argv), "rows": rows},
+         "\n".join(lines) + "\n")
+
+
+def eval_worker(args) -> dict:
+    """One lm-eval pass of MMLU 5-shot (``--limit`` questions per subject) at batch ``--batch-size``."""
+    from speft_bench.data.sources import default_data_root
+    from speft_bench.evaluation.lm_eval import evaluate
+    from speft_bench.models import load_tokenizer, resolve_pretrained
+    from speft_bench.schemas import LmEvalSchema
+
+    torch.set_num_threads(args.threads)
+    model, _, _ = load(args.model)
+    _, typed = harness_config(f"model={args.model}")
+    tokenizer = load_tokenizer(resolve_pretrained(typed["model"], typed["paths"].cache_dir), typed["model"])
+    spec = LmEvalSchema(tasks=["mmlu"], num_fewshot={"mmlu": 5}, limit=args.limit, batch_size=args.batch_size)
+    reset_peak()
+    base, start = rss_mb("VmRSS"), time.perf_counter()
+    metrics = evaluate(model, tokenizer, spec, default_data_root())["metrics"]
+    return {"eval_mb": rss_mb("VmHWM") - base, "eval_s": time.perf_counter() - start,
+            "acc": metrics["mmlu/acc,none"]}
+
+
+SALIENCE_BEFORE = "2ad0b721c272e0f8ed08deeb652b30164cfaf910"  # the last commit with whole-model copies and bf16 sums
+
+
+def salience_memory(args) -> None:
+    """Extra peak memory of each salience metric over the loaded model, in multiples of the target weights'
+    size W (fp32), BEFORE (``--before``: that commit's salience package, whole batches) and AFTER (this
+    tree, micro-batches of ``--micro-batch``); each (model, version, metric) in a fresh process."""
+    if args.worker:
+        print(json.dumps(salience_memory_worker(args)))
+        return
+    rows = []
+    for model_name in args.models:
+        metrics = args.large_metrics if ":" in model_name else args.metrics
+        for version, metric in [("after", "floor")] + [(v, m) for m in metrics for v in ("before", "after")]:
+            cli = [*args.argv, "--worker", "--worker-model", model_name, "--worker-version", version,
+                   "--worker-metric", metric]
+            rows.append({"model": model_name, "version": version} | run_worker(cli, MMAP, "salience-memory"))
+            print(json.dumps(rows[-1]), flush=True)
+
+    def cell(row: dict, key: str) -> str:
+        if "refused_over_mb" in row:
+            return f"> {row['refused_over_mb'] / row['W_mb']:.1f} (refused)"
+        flag = " (non-finite)" if row.get("non_finite") else ""
+        return f"{row[key] / row['W_mb']:.2f}{flag}"
+
+    lines = ["| model | metric | BEFORE ×W tensors | BEFORE ×W RSS | AFTER ×W tensors | AFTER ×W RSS "
+             "| AFTER tensors − activations, ×W | BEFORE s | AFTER s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for model_name in args.models:
+        got = {(r["version"], r["metric"]): r for r in rows if r["model"] == model_name}
+        act = got[("after", "floor")]
+        lines.append(f"| {model_name}: {act['layers']} target linears, W = {act['W_mb']:,.0f} MB (fp32); largest "
+                     f"layer {act['largest_layer_w']:.3f} W | activations of one micro-batch (forward + backward, "
+                     f"no weight gradient) | | | {cell(act, 'tensor_mb')} | {cell(act, 'rss_mb')} | | | |")
+        for metric in [m for v, m in got if v == "after" and m != "floor"]:
+            b, a = got[("before", metric)], got[("after", metric)]
+            data_free = metric in ("magnitude", "synflow")
+            net = "" if data_free or "tensor_mb" not in a else \
+                f"{(a['tensor_mb'] - act['tensor_mb']) / a['W_mb']:.2f}"
+            lines.append(f"| {model_name} | {metric} | {cell(b, 'tensor_mb')} | {cell(b, 'rss_mb')} "
+                         f"| {cell(a, 'tensor_mb')} | {cell(a, 'rss_mb')} | {net} "
+                         f"| {b['seconds']:.0f} | {a['seconds']:.0f} |")
+    note = (f"\n`python scripts/bench.py salience-memory {' '.join(args.argv)}` on {machine()}; {args.threads} "
+            f"threads; each cell a fresh process. *tensors*: the peak of live tensor bytes created by the metric "
+            f"(speft_bench.salience.memory.LiveBytes, op by op); *RSS*: VmHWM, reset through /proc/self/clear_refs "
+            f"once the model and batches are loaded, minus RSS then (MALLOC_MMAP_THRESHOLD_=131072). Both include "
+            f"the returned scores. {args.examples} synthetic causal-LM examples of {args.seq_len} tokens (first half "
+            f"prompt), batches of {args.batch_size}: BEFORE runs whole batches, AFTER micro-batches of "
+            f"{args.micro_batch}. Allocations beyond {args.cap_gb:g} GB (RLIMIT_AS) are refused: a lower bound.\n")
+    save(args.name, {"machine": machine(), "command": "python scripts/bench.py salience-memory " + " ".join(args.argv),
+                     "before": args.before, "rows": rows}, "\n".join(lines) + "\n" + note)
+
+
+def old_salience(rev: str):
+    """The ``speft_bench.salience`` package of commit ``rev``, imported as ``salience_<rev>`` from a temp folder."""
+    import importlib
+    import tempfile
+
+    name = f"salience_{rev[:12]}"
+    folder = Path(tempfile.mkdtemp(prefix="speft-old-salience-")) / name
+    folder.mkdir()
+    files = subprocess.run(["git", "ls-tree", "--name-only", rev, "speft_bench/salience/"], cwd=ROOT, check=True,
+                           capture_output=True, text=True).stdout.split()
+    for path in files:
+        text = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT, check=True, capture_output=True,
+                              text=True).stdout
+        (folder / Path(path).name).write_text(text.replace("speft_bench.salience", name))
+    sys.path.insert(0, str(folder.parent))
+    return importlib.import_module(name)
+
+
+def salience_memory_worker(args) -> dict:
+    """One model, code version and metric (or ``floor``: a plain forward/backward of one micro-batch, the
+    activations any data-driven metric pays): its peak over the loaded model."""
+    import resource
+
+    from speft_bench.errors import NonFiniteError
+    from speft_bench.models import load_causal_lm, targets_for
+    from speft_bench.salience.memory import LiveBytes
+    from speft_bench.schemas import TargetScope
+
+    torch.set_num_threads(args.threads)
+    name, _, layers = args.worker_model.partition(":")
+    if layers:  # the paper-scale shape with random weights, cut to `layers` blocks
+        _, typed = harness_config(f"model={name}", "model.init=random", f"model.num_layers={layers}")
+        torch.manual_seed(0)
+        model, spec = load_causal_lm(typed["model"], None, torch.float32), typed["model"]
+    else:
+        model, spec, _ = load(name)
+    model.requires_grad_(False)
+    with torch.no_grad():
+        for p in model.parameters():  # private, resident memory: a lazily mmapped checkpoint would page in mid-metric
+            p.data = p.data.clone()
+    weights = {n: m.weight for n, m in targets_for(model, spec, TargetScope.all).items()}
+    w_mb = sum(w.numel() * w.element_size() for w in weights.values()) / 2**20
+    gen = torch.Generator().manual_seed(0)
+    batches = []
+    for start in range(0, args.examples, args.batch_size):
+        ids = torch.randint(100, 20000, (min(args.batch_size, args.examples - start), args.seq_len), generator=gen)
+        labels = ids.clone()
+        labels[:, : args.seq_len // 2] = -100  # prompt tokens carry no loss
+        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+    if args.worker_version == "before":
+        package, options = old_salience(args.before), {}
+    else:
+        import speft_bench.salience as package
+        options = {"calibration_micro_batch": args.micro_batch}
+
+    def plain_backward():
+        piece = {k: v[: args.micro_batch] for k, v in batches[0].items()}
+        embeds = model.get_input_embeddings()(piece["input_ids"]).requires_grad_()
+        model(inputs_embeds=embeds, attention_mask=piece["attention_mask"], labels=piece["labels"]).loss.backward()
+
+    metric = args.worker_metric
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (int(rss_mb("VmSize") * 2**20 + args.cap_gb * 2**30), hard))
+    probe = LiveBytes()
+    reset_peak()
+    base, start = rss_mb("VmRSS"), time.perf_counter()
+    try:
+        with probe:
+            if metric == "floor":
+                plain_backward()
+            else:
+                package.compute_salience(metric, model, weights, batches, **options)
+        row = {}
+    except NonFiniteError:  # SynFlow overflows float64 on deep models: the memory was spent all the same
+        row = {"non_finite": True}
+    except (RuntimeError, MemoryError) as err:  # the allocator's "can't allocate memory" under RLIMIT_AS
+        if "alloc" not in str(err).lower() and not isinstance(err, MemoryError):
+            raise
+        row = {"refused_over_mb": args.cap_gb * 1024}
+    if "refused_over_mb" not in row:
+        row |= {"tensor_mb": probe.peak / 2**20, "rss_mb": rss_mb("VmHWM") - base}
+    largest = max(w.numel() * w.element_size() for w in weights.values()) / 2**20
+    return {"metric": metric, "seconds": round(time.perf_counter() - start, 1), "W_mb": w_mb, "layers": len(weights),
+            "largest_layer_w": largest / w_mb} | row
+
+
 def parse_shape(text: str) -> tuple[int, int]:
     d_out, d_in = (int(v) for v in text.split("x"))
     return d_out, d_in
@@ -385,19 +555,48 @@ def main() -> None:
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=list(DTYPES))
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--name", default="kernels", help="results/bench/<name>.{json,md}")
+    p = sub.add_parser("eval-memory", help="lm-eval peak memory and time per eval batch size (MMLU 5-shot)")
+    p.add_argument("--model", default="smollm2_135m")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--limit", type=int, default=1, help="questions per MMLU subject (57 subjects)")
+    p.add_argument("--name", default="eval_memory", help="results/bench/<name>.{json,md}")
+    p = sub.add_parser("salience-memory", help="extra peak memory per salience metric, ×W, before and after")
+    p.add_argument("--models", nargs="+", default=["smollm2_135m", "llama3_8b:2"],
+                   help="model, or model:N for its architecture with random weights cut to N blocks")
+    p.add_argument("--metrics", nargs="+", default=["magnitude", "gradient", "snip", "force", "taylor_fo", "fisher",
+                                                    "grasp", "synflow"])
+    p.add_argument("--large-metrics", nargs="+", default=["magnitude", "gradient", "fisher", "grasp", "synflow"],
+                   help="metrics for the model:N shapes (snip, force, taylor_fo run gradient's loop plus an in-place "
+                        "product: the same memory as gradient, which the smaller models show)")
+    p.add_argument("--examples", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--micro-batch", type=int, default=1, help="AFTER's method.calibration_micro_batch")
+    p.add_argument("--seq-len", type=int, default=32)
+    p.add_argument("--cap-gb", type=float, default=7.0, help="allocations beyond this are refused (RLIMIT_AS)")
+    p.add_argument("--before", default=SALIENCE_BEFORE, help="commit whose speft_bench/salience is BEFORE")
+    p.add_argument("--name", default="salience_memory", help="results/bench/<name>.{json,md}")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--worker-model", help=argparse.SUPPRESS)
+    p.add_argument("--worker-version", choices=["before", "after"], help=argparse.SUPPRESS)
+    p.add_argument("--worker-metric", help=argparse.SUPPRESS)
     w = sub.add_parser("_worker")  # one configuration, in its own process; prints one JSON line
     for flag in ("--model", "--variant", "--scope"):
         w.add_argument(flag, required=True)
     for flag in ("--r", "--batch-size", "--seq-len", "--steps", "--rounds"):
         w.add_argument(flag, type=int, required=True)
+    e = sub.add_parser("_eval_worker")  # one lm-eval pass, in its own process; prints one JSON line
+    e.add_argument("--model", required=True)
+    e.add_argument("--batch-size", type=int, required=True)
+    e.add_argument("--limit", type=int, required=True)
     for p in sub.choices.values():
         p.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     args.argv = sys.argv[2:]
-    if args.command == "_worker":
-        print(json.dumps(worker(args)))
+    if args.command in ("_worker", "_eval_worker"):
+        print(json.dumps((worker if args.command == "_worker" else eval_worker)(args)))
     else:
-        {"steps": steps, "salience": salience, "kernels": kernels}[args.command](args)
+        {"steps": steps, "salience": salience, "kernels": kernels, "eval-memory": eval_memory,
+         "salience-memory": salience_memory}[args.command](args)
 
 
 if __name__ == "__main__":

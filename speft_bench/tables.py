@@ -12,6 +12,9 @@ Bold = best of the column on the shown two decimals (ties all bold); "#" counts 
 row is best in (not Avg.). "Avg." is the mean over the task columns when every one is a number, its
 ± the mean of their stds (SPEFT Table 1's convention); the paper's Avg. is the mean of the paper's
 numbers over the same columns, so both averages cover the same tasks.
+
+A record of a random-init model (``model.init=random``: benchmarks and shape checks) is never a
+result: `build_table` skips it with a warning naming it.
 """
 
 from __future__ import annotations
@@ -167,6 +170,16 @@ def _one_setting(flats: list[dict[str, Any]], where: str) -> None:
         raise ValueError(f"{where}: its runs differ in {differ}; pin those in the row's `select`")
 
 
+def is_result(config: dict[str, Any], record: dict[str, Any]) -> bool:
+    """False, warning with the record's run directory, when its flattened ``config`` has model.init=random:
+    its numbers measure random weights, so it must never fill a cell."""
+    if config.get("model.init") != "random":  # records from before the knob existed are pretrained
+        return True
+    warnings.warn(f"skipping record {record.get('run_dir') or record.get('config_hash')}: model.init=random "
+                  f"(random weights, not a fine-tuning result)")
+    return False
+
+
 def summarise(records: list[dict[str, Any]], metric: str) -> dict[str, Any]:
     """``{status, mean, std, n}`` of ``metric``×100 over seeds; a later record replaces an earlier one of its seed."""
     runs = list({r["config"].get("train", {}).get("seed"): r for r in records}.values())
@@ -198,7 +211,8 @@ def build_table(spec: TableSpec, records: Iterable[dict[str, Any]], paper: pd.Da
     Columns: row, column, status ("ok" | "failed" | "missing"), mean, std, n (seeds), paper (published
     number), diff (ours − paper), best (bold), wins (the row's "#").
     """
-    flat = [(config, r) for r in records if (config := _flatten(r["config"])).get("model.name") == spec.model]
+    flat = [(config, r) for r in records
+            if (config := _flatten(r["config"])).get("model.name") == spec.model and is_result(config, r)]
     lines = []
     for row in spec.rows:
         for col in spec.columns:

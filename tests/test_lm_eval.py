@@ -114,7 +114,8 @@ def test_missing_eval_files_offline_are_named(tmp_path):
 
 BAD = [
     (["task.eval.limit=0"], "task.eval.limit must be > 0, got 0"),
-    (["task.eval.batch_size=0"], "task.eval.batch_size must be > 0"),
+    (["task.eval.batch_size=0"], "task.eval.batch_size must be a positive integer or 'auto', got 0"),
+    (["task.eval.batch_size=big"], "task.eval.batch_size must be a positive integer or 'auto', got 'big'"),
     (["task.eval.max_gen_toks=-1"], "task.eval.max_gen_toks must be > 0"),
     (["task.eval.num_fewshot.gsm8k=-1"], "task.eval.num_fewshot.gsm8k must be >= 0, got -1"),
     (["+task.eval.limit_per_task.gsm8k=0"], "task.eval.limit_per_task.gsm8k must be > 0"),

@@ -85,7 +85,91 @@ def test_auto_picks_sampled_at_lora_budgets_and_dense_when_dense_is_cheaper():
         assert choose_value_grad(d_out, d_in, 8 * (d_in + d_out)) == "sampled"  # LoRA r=8 budget
         assert choose_value_grad(d_out, d_in, d_out * d_in // 2) == "dense"
     assert choose_value_grad(16, 8, 4) == "dense"  # tiny layer: the transposes dominate
-    assert random_layer(d_in=384, d_out=384, k=6144, dtype=torch.float32).value_grad == "sampled"
+    layer = random_layer(d_in=384, d_out=384, k=6144, dtype=torch.float32)
+    assert layer.value_grad(torch.float32) == "sampled"
+    layer.value_grad_mode = "dense"
+    assert layer.value_grad(torch.float32) == "dense"  # a forced kernel ignores the cost model
+
+
+# --- in bf16 ---------------------------------------------------------------------------------------------
+
+def bf16_layer(d_in=40, d_out=24, k=100, value_grad="auto"):
+    """A bf16 base with fp32 master values, as ``precision.setup`` leaves SPEFT's layers under train.precision=bf16."""
+    layer = random_layer(d_in, d_out, k, dtype=torch.float32, value_grad=value_grad)
+    layer.base.to(torch.bfloat16)
+    return layer
+
+
+@pytest.mark.parametrize("value_grad", KERNELS)
+def test_bf16_body_with_fp32_values_matches_an_fp64_reference(value_grad):
+    layer = bf16_layer(value_grad=value_grad)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(1300, 40, generator=gen).bfloat16().requires_grad_()  # > one 512-token chunk
+    upstream = torch.randn(1300, 24, generator=gen).bfloat16()
+    y = layer(x)
+    y.backward(upstream)
+    assert y.dtype == x.grad.dtype == torch.bfloat16 and layer.values.grad.dtype == torch.float32
+
+    # the same bf16 inputs in float64: W + Δ as the forward uses it (rounded to bf16 once)
+    w_eff = (layer.base.weight + layer.delta_dense()).double()
+    x64, g64 = x.detach().double(), upstream.double()
+    reference = (g64.t() @ x64).view(-1)[layer.indices.long()]
+    scale = reference.abs().max()
+    error = (layer.values.grad.double() - reference).abs()
+    if value_grad == "sampled":  # float32 dot products over the tokens
+        assert error.max() <= 1e-6 * scale
+    else:  # the bf16 GEMM sums in float32, then rounds to bf16: half an ulp, 2^-8 of each entry
+        assert (error <= 2 ** -8 * reference.abs() + 1e-6 * scale).all()
+    torch.testing.assert_close(y.double(), F.linear(x64, w_eff, layer.base.bias.double()), rtol=2 ** -8, atol=1e-2)
+    torch.testing.assert_close(x.grad.double(), g64 @ w_eff, rtol=2 ** -8, atol=1e-2)
+
+
+@pytest.mark.parametrize("value_grad", KERNELS)
+def test_under_bf16_autocast_the_gradients_match_fp32(value_grad):
+    layer = random_layer(d_in=40, d_out=24, k=100, dtype=torch.float32, value_grad=value_grad)
+    x = torch.randn(3, 300, 40, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    grads = {}
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = layer(x)
+        assert y.dtype == (torch.bfloat16 if autocast else torch.float32)
+        y.float().square().sum().backward()  # outside autocast, as training does
+        grads[autocast] = layer.values.grad, x.grad
+        layer.values.grad = x.grad = None
+    (v32, x32), (v16, x16) = grads[False], grads[True]
+    assert v16.dtype == x16.dtype == torch.float32
+    # bf16 rounding of x, W + Δ and the upstream gradient: ~2^-8 relative each
+    torch.testing.assert_close(v16, v32, rtol=0, atol=2e-2 * v32.abs().max().item())
+    torch.testing.assert_close(x16, x32, rtol=0, atol=2e-2 * x32.abs().max().item())
+    assert not torch.equal(v16, v32)  # it did compute in bf16
+
+
+# the faster kernel measured on Llama3-8B's shapes at LoRA r=64's budget, 256 tokens (BENCHMARKS.md)
+LLAMA3_R64_FASTER = {
+    torch.float32: {(4096, 4096): "sampled", (1024, 4096): "sampled", (14336, 4096): "sampled", (4096, 14336): "sampled"},
+    torch.bfloat16: {(4096, 4096): "sampled", (1024, 4096): "dense", (14336, 4096): "sampled", (4096, 14336): "sampled"},
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_cost_model_picks_the_measured_faster_kernel_for_the_dtype(dtype):
+    # a bf16 GEMM costs half a float32 one; the sampled kernel computes in float32 either way
+    for (d_out, d_in), faster in LLAMA3_R64_FASTER[dtype].items():
+        assert choose_value_grad(d_out, d_in, 64 * (d_out + d_in), dtype) == faster, (d_out, d_in)
+    assert choose_value_grad(16, 8, 4, dtype) == "dense"
+
+
+def test_fp32_values_merge_into_a_bf16_weight_and_survive_set_mask():
+    layer = bf16_layer()
+    values, w0 = layer.values, layer.base.weight.detach().clone()
+    layer.merge()
+    assert torch.equal(layer.base.weight.view(-1)[layer.indices.long()],
+                       (w0.view(-1)[layer.indices.long()] + layer._merged[1].bfloat16()))
+    layer.unmerge()
+    assert torch.equal(layer.base.weight, w0) and layer.values.dtype == torch.float32
+    layer.merge()
+    layer.set_mask(torch.tensor([5, 1]))
+    assert layer.values is values and layer.values.dtype == torch.float32 and layer.k == 2
 
 
 def reference_forward(layer: SparseDeltaLinear, x):

@@ -139,6 +139,16 @@ def test_qm_taylor_is_the_quantile_mean_of_per_label_taylor_scores():
         assert scores[name].tolist() != pytest.approx(mean, rel=1e-3)  # 3 labels: not just the mean
 
 
+@pytest.mark.parametrize("metric", ["taylor", "qm_taylor"])
+def test_micro_batches_give_the_same_importance(metric):
+    model, batches = TinyNet(), tiny_batches()
+    whole = neuron_importance(metric, model, weights_of(model), batches)
+    for micro in (1, 3):
+        split = neuron_importance(metric, model, weights_of(model), batches, calibration_micro_batch=micro)
+        for name in whole:
+            torch.testing.assert_close(split[name], whole[name], rtol=1e-12, atol=0)
+
+
 def test_quantile_mean_by_hand():
     # levels 0, .1, …, 1 over [0, 1, 5] sit at positions 0, .2, …, 2 of the sorted values:
     # 0 .2 .4 .6 .8 1 | 1.8 2.6 3.4 4.2 5  → sum 20 → 20/11 (the mean would be 2, the median 1)
@@ -254,6 +264,56 @@ def test_editing_the_weight_between_forward_and_backward_fails_loudly():
         layer.base.weight.add_(1.0)
     with pytest.raises(RuntimeError, match="base weight changed between forward and backward"):
         y.sum().backward()
+
+
+def test_bf16_body_with_an_fp32_delta_matches_an_fp64_reference():
+    # as precision.setup leaves it under train.precision=bf16: bf16 base, fp32 master W_f
+    layer = random_layer(d_in=40, d_out=24, rows=(7, 2, 19), dtype=torch.float32)
+    layer.base.to(torch.bfloat16)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(600, 40, generator=gen).bfloat16().requires_grad_()
+    upstream = torch.randn(600, 24, generator=gen).bfloat16()
+    y = layer(x)
+    y.backward(upstream)
+    assert y.dtype == x.grad.dtype == torch.bfloat16 and layer.delta.grad.dtype == torch.float32
+
+    # float64 from the same bf16 inputs, W_f rounded to bf16 as the forward uses it
+    x64, g64, w64 = x.detach().double(), upstream.double(), layer.base.weight.double()
+    delta64 = torch.zeros_like(w64).index_add_(0, layer.rows, layer.delta.detach().bfloat16().double())
+    reference = g64.t()[layer.rows] @ x64
+    # the bf16 GEMM sums in float32, then rounds to bf16: half an ulp, 2^-8 of each entry
+    assert ((layer.delta.grad.double() - reference).abs() <= 2 ** -8 * reference.abs() + 1e-6 * reference.abs().max()).all()
+    # y and grad_x: bf16 outputs of sums of two bf16 GEMMs (W x, and the rows' W_f x)
+    torch.testing.assert_close(y.double(), F.linear(x64, w64 + delta64, layer.base.bias.double()), rtol=2 ** -7, atol=1e-2)
+    torch.testing.assert_close(x.grad.double(), g64 @ (w64 + delta64), rtol=2 ** -7, atol=1e-2)
+
+
+def test_under_bf16_autocast_the_gradients_match_fp32():
+    layer = random_layer(d_in=40, d_out=24, rows=(7, 2, 19), dtype=torch.float32)
+    x = torch.randn(3, 300, 40, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    grads = {}
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = layer(x)
+        assert y.dtype == (torch.bfloat16 if autocast else torch.float32)
+        y.float().square().sum().backward()  # outside autocast, as training does
+        grads[autocast] = layer.delta.grad, x.grad
+        layer.delta.grad = x.grad = None
+    (d32, x32), (d16, x16) = grads[False], grads[True]
+    assert d16.dtype == x16.dtype == torch.float32
+    # bf16 rounding of x, W, W_f and the upstream gradient: ~2^-8 relative each
+    torch.testing.assert_close(d16, d32, rtol=0, atol=2e-2 * d32.abs().max().item())
+    torch.testing.assert_close(x16, x32, rtol=0, atol=2e-2 * x32.abs().max().item())
+    assert not torch.equal(d16, d32)  # it did compute in bf16
+
+
+def test_an_fp32_delta_merges_into_a_bf16_weight():
+    layer = random_layer(dtype=torch.float32)
+    layer.base.to(torch.bfloat16)
+    w0, delta = layer.base.weight.detach().clone(), layer.delta.detach().clone()
+    merged = layer.merge()
+    assert merged.weight.dtype == torch.bfloat16 and layer.delta.dtype == torch.float32 and not layer.delta.any()
+    assert torch.equal(merged.weight[[0, 3]], w0[[0, 3]] + delta.bfloat16())
 
 
 @pytest.mark.parametrize(("rows", "message"), [

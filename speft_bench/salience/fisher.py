@@ -3,29 +3,31 @@
 The square of a mean gradient is not the mean of squares, so the default (``micro_batch=1``) takes one
 backward per example.  ``micro_batch=m > 1`` squares the gradient of m-example means instead:
 m× fewer backward passes, and an estimate biased towards the squared mean (E[ḡ²] = E[g]² + Var[g]/m).
+
+An expectation over *examples*: each m-example piece weighs by its share of the examples (not of the
+loss terms, as the mean gradient does).  ``calibration_micro_batch`` smaller than m only splits the
+forward/backward of a piece: its slices' gradients sum in ``.grad`` (one more W while a piece is
+open) and are squared once complete.  Pieces without any loss term (causal LMs: no response token)
+are left out, in the count of examples too.
 """
 
-import torch
-
+from speft_bench.batches import loss_terms, micro_batches
 from speft_bench.progress import progress
-from speft_bench.salience import SALIENCE_METRICS, Scores, batch_size, calibration_mode
-
-
-def micro_batches(batches: list[dict], size: int) -> list[dict]:
-    """Split every batch into consecutive slices of at most ``size`` examples."""
-    return [{key: value[start:start + size] for key, value in batch.items()}
-            for batch in batches for start in range(0, batch_size(batch), size)]
+from speft_bench.salience import (SALIENCE_METRICS, Scores, adder, backward_per_layer, batch_size, calibration_mode,
+                                  score_buffers, weighted_pieces)
 
 
 @SALIENCE_METRICS.register("fisher")
-def fisher(model, weights, batches, micro_batch: int = 1) -> Scores:
-    pieces = micro_batches(batches, micro_batch)
+def fisher(model, weights, batches, micro_batch: int = 1, calibration_micro_batch: int | None = None,
+           offload: bool = False) -> Scores:
+    pieces = [p for b in batches for p in micro_batches(b, micro_batch) if loss_terms(p)]
     total = sum(batch_size(p) for p in pieces)
-    names, params = list(weights), list(weights.values())
-    acc = [torch.zeros_like(p) for p in params]
+    squares = score_buffers(weights, offload)
     with calibration_mode(model, weights):
         for piece in progress(pieces, desc="salience: fisher", leave=False):
-            grads = torch.autograd.grad(model(**piece).loss, params)
-            for a, g in zip(acc, grads):
-                a.add_(g.square(), alpha=batch_size(piece) / total)
-    return dict(zip(names, acc))
+            add = adder(squares, alpha=batch_size(piece) / total)
+            *first, (last, share) = weighted_pieces([piece], calibration_micro_batch)
+            for part, part_share in first:
+                (model(**part).loss * part_share).backward(inputs=list(weights.values()))
+            backward_per_layer(model(**last).loss * share, weights, lambda name, g: add(name, g.square_()))
+    return squares

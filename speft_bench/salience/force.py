@@ -7,5 +7,7 @@ from speft_bench.salience import SALIENCE_METRICS, Scores, mean_gradients
 
 
 @SALIENCE_METRICS.register("force")
-def force(model, weights, batches) -> Scores:
-    return {name: -g * weights[name].detach() for name, g in mean_gradients(model, weights, batches).items()}
+def force(model, weights, batches, **memory) -> Scores:
+    # −(g·θ) is bit for bit (−g)·θ: IEEE rounding is symmetric in the sign
+    return {name: g.mul_(weights[name].detach().to(g.device)).neg_()
+            for name, g in mean_gradients(model, weights, batches, **memory).items()}

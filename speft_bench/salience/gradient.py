@@ -4,5 +4,5 @@ from speft_bench.salience import SALIENCE_METRICS, Scores, mean_gradients
 
 
 @SALIENCE_METRICS.register("gradient")
-def gradient(model, weights, batches) -> Scores:
-    return {name: g.abs() for name, g in mean_gradients(model, weights, batches).items()}
+def gradient(model, weights, batches, **memory) -> Scores:
+    return {name: g.abs_() for name, g in mean_gradients(model, weights, batches, **memory).items()}

@@ -4,5 +4,6 @@ from speft_bench.salience import SALIENCE_METRICS, Scores, mean_gradients
 
 
 @SALIENCE_METRICS.register("snip")
-def snip(model, weights, batches) -> Scores:
-    return {name: (g * weights[name].detach()).abs() for name, g in mean_gradients(model, weights, batches).items()}
+def snip(model, weights, batches, **memory) -> Scores:
+    return {name: g.mul_(weights[name].detach().to(g.device)).abs_()
+            for name, g in mean_gradients(model, weights, batches, **memory).items()}

@@ -8,5 +8,6 @@ from speft_bench.salience import SALIENCE_METRICS, Scores, mean_gradients
 
 
 @SALIENCE_METRICS.register("taylor_fo")
-def taylor_fo(model, weights, batches) -> Scores:
-    return {name: (g * weights[name].detach()).square() for name, g in mean_gradients(model, weights, batches).items()}
+def taylor_fo(model, weights, batches, **memory) -> Scores:
+    return {name: g.mul_(weights[name].detach().to(g.device)).square_()
+            for name, g in mean_gradients(model, weights, batches, **memory).items()}

@@ -14,11 +14,12 @@ from typing import Any
 
 from torch import nn
 
+from speft_bench import precision
 from speft_bench.masking import (SELECTORS, budget_from_density, density_per_layer, lora_param_count, mask_digest,
                                  mask_overlap)
 from speft_bench.methods import METHODS, Method, MethodContext, Prepared, freeze_all_but
 from speft_bench.methods.speft.layer import SparseDeltaLinear
-from speft_bench.methods.speft.model import attach_sparse_deltas, save_adapter
+from speft_bench.methods.speft.model import attach_sparse_deltas, save_adapter, value_grad_counts
 from speft_bench.models import head_parameters, targets_for
 from speft_bench.salience import SALIENCE_METRICS, compute_salience
 from speft_bench.schemas import ConfigError
@@ -59,7 +60,9 @@ class SPEFT(Method):
         def choose(round_: int) -> tuple[dict[str, Any], dict[str, float]]:
             start = time.perf_counter()
             batches = ctx.calibration_batches(round_, spec.calibration_examples, spec.calibration_batch_size)
-            scores = compute_salience(metric.name, model, {n: m.weight for n, m in targets.items()}, batches, **options)
+            scores = compute_salience(metric.name, model, {n: m.weight for n, m in targets.items()}, batches, **options,
+                                      calibration_micro_batch=spec.calibration_micro_batch,
+                                      offload=spec.salience_offload)
             indices = SELECTORS[masking.scope](scores, k)
             return indices, {"salience_s": round(time.perf_counter() - start, 3), "examples": sum(len(b["labels"]) for b in batches)}
 
@@ -72,6 +75,8 @@ class SPEFT(Method):
         freeze_all_but(model, trainable)
         info: dict[str, Any] = {
             "budget": k, "target_weights": total, "density": k / total, "target_modules": len(layers),
+            "value_grad": {"mode": spec.value_grad,
+                           **value_grad_counts(layers, precision.compute_dtype(ctx.typed["train"]))},
             "budget_rule": f"lora_rank={spec.lora_rank}" if spec.lora_rank else f"density={spec.density}",
             "salience": {"metric": metric.name, **options}, "calibration": cost, "mask_sha256": mask_digest(indices),
             "density_per_layer": density_per_layer(indices, shapes), "refreshes": [],

@@ -7,13 +7,15 @@ d_out × d_in elements is saved between forward and backward:
 
 * forward builds W_eff = W + Δ as a transient (one copy, ~0.05 ms) and runs one GEMM;
 * backward rebuilds W_eff for grad_x (the same GEMM a frozen linear does) and computes only the k
-  value gradients, ∂L/∂v_j = Σ_n g[n, r_j] · x[n, c_j], with one of two kernels (``choose_value_grad``).
+  value gradients, ∂L/∂v_j = Σ_n g[n, r_j] · x[n, c_j], with one of two kernels (``choose_value_grad``);
+* both GEMMs run in one compute dtype (autocast's or W's: a bf16 body, bf16 autocast, fp32 values
+  all meet there), and the value gradients are summed in float32 (float64 for float64) whatever it is.
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -25,26 +27,29 @@ ValueGrad = Literal["auto", "dense", "sampled"]
 
 # Cost model for choosing the value-gradient kernel, in units of one multiply-add of a dense float32
 # GEMM, per token (both kernels scale with the number of tokens N, so N cancels), for g and x in the
-# dtype of the layer's compute.  Measured on a 2-core AVX-512 (+BF16) EPYC with torch 2.13
-# (`python scripts/bench.py kernels`, BENCHMARKS.md):
-#   dense-then-gather: d_out·d_in MACs at BLAS speed in the inputs' dtype (bf16 via AVX512-BF16 is
-#                      faster than fp32; fp16 has no fast CPU GEMM); transient d_out × d_in.
-#   sampled (SDDMM):   k MACs as float32 dot products over tokens (the CPU kernel has no bf16/fp16),
-#                      ~4× a GEMM MAC (no register blocking), plus transposing both activations into
-#                      float32, per element: the reduction runs over tokens, the strided axis of both
-#                      g and x.  Transient chunk × (d_in + d_out) in float32.
-# The transpose term, not the N × k of a gather-based SDDMM, is what the sampled kernel pays for;
-# at LoRA-matched budgets (density 1–5 %) it is still cheaper than the dense product in float32.
-# Dtypes not listed (float64: tests) use float32's costs.
-SAMPLED_MAC_COST = 4
-DENSE_MAC_COST = {torch.float32: 1.0, torch.bfloat16: 0.4, torch.float16: 18.0}
-TRANSPOSE_COST = {torch.float32: 110, torch.bfloat16: 110, torch.float16: 110}
+# dtype the layer computes in.  Fitted to `python scripts/bench.py kernels` on a 2-core AVX-512 (+BF16)
+# EPYC with torch 2.13: MiniLM shapes at 2,048 tokens and Llama3-8B shapes at 256, float32 and bfloat16
+# (BENCHMARKS.md; the worst wrong pick there costs 1.2×):
+#   dense-then-gather: d_out·d_in MACs at BLAS speed in the inputs' dtype: bf16 (AVX512-BF16) at half
+#                      float32's cost, fp16 (no fast CPU GEMM; one measurement, 1024×4096) at 18×;
+#                      transient d_out × d_in.
+#   sampled (SDDMM):   k MACs as float32 dot products over tokens whatever the inputs' dtype (the CPU
+#                      kernel has no bf16/fp16), ~6× a GEMM MAC (no register blocking), plus
+#                      transposing both activations into float32, ~70× per element: the reduction runs
+#                      over tokens, the strided axis of both g and x.  Transient chunk × (d_in + d_out).
+# On MiniLM's layers the transpose term dominates the sampled kernel, on Llama3-8B's at LoRA r=64 the
+# k MACs do; at LoRA-matched budgets (density 1–5 %) it is cheaper than the dense product, except where
+# a bf16 GEMM halves the dense side (1024×4096 at LoRA r=64's 7.8 %).  Dtypes not listed (float64:
+# tests) use float32's dense cost.
+SAMPLED_MAC_COST = 6
+TRANSPOSE_COST = 70
+DENSE_MAC_COST = {torch.float32: 1.0, torch.bfloat16: 0.5, torch.float16: 18.0}
 TOKEN_CHUNK = 512  # tokens per sampled call: keeps the transposed chunks in cache (measured best)
 
 
 def choose_value_grad(d_out: int, d_in: int, k: int, dtype: torch.dtype = torch.float32) -> Literal["dense", "sampled"]:
     """The cheaper value-gradient kernel for a d_out × d_in layer with k trainable entries, g and x in ``dtype``."""
-    sampled = SAMPLED_MAC_COST * k + TRANSPOSE_COST.get(dtype, TRANSPOSE_COST[torch.float32]) * (d_in + d_out)
+    sampled = SAMPLED_MAC_COST * k + TRANSPOSE_COST * (d_in + d_out)
     return "sampled" if sampled < DENSE_MAC_COST.get(dtype, 1.0) * d_out * d_in else "dense"
 
 
@@ -68,7 +73,7 @@ def _token_minor(a: Tensor, dtype: torch.dtype) -> Tensor:
     """(B, d) → (d, B) contiguous in ``dtype``: one copy transposes and converts.  Through a 3-D view the
     copy runs on TensorIterator's 2 threads instead of ATen's single-threaded 2-D transpose path: ~1.7×
     faster for (512, 384) chunks."""
-    return a.unsqueeze(0).transpose(1, 2).to(dtype, memory_format=torch.contiguous_format)[0]
+    return a.new_empty((1, a.shape[1], a.shape[0]), dtype=dtype).copy_(a.unsqueeze(0).transpose(1, 2))[0]
 
 
 def sampled_value_grad(grad_out: Tensor, x: Tensor, indices: Tensor) -> Tensor:
@@ -151,6 +156,8 @@ class SparseDeltaLinear(nn.Module):
 
     def __init__(self, base: nn.Linear, indices: Tensor, value_grad: ValueGrad = "auto"):
         super().__init__()
+        if value_grad not in get_args(ValueGrad):
+            raise ValueError(f"value_grad must be one of {list(get_args(ValueGrad))}, got {value_grad!r}")
         self.base = base.requires_grad_(False)
         self.value_grad_mode = value_grad
         self.register_buffer("indices", torch.empty(0, dtype=torch.int64, device=base.weight.device))

@@ -50,15 +50,18 @@ def register(name: str, *, needs_data: bool, classification_only: bool = False) 
     return add
 
 
-# --------------------------------------------------------------------------- per-row math (pure)
+# --------------------------------------------------------------------------- per-row math
 def row_l2(weight: Tensor) -> Tensor:
     """(d_out, d_in) → (d_out,): the ℓ2 norm of each output row."""
     return weight.detach().norm(dim=1)
 
 
 def row_taylor(weight: Tensor, grad: Tensor) -> Tensor:
-    """(d_out, d_in) weight and mean gradient → (d_out,): Σ_j |G_ij · W_ij|."""
-    return (grad * weight.detach()).abs().sum(dim=1)
+    """(d_out, d_in) weight and mean gradient → (d_out,): Σ_j |G_ij · W_ij|.
+
+    Computed in place in ``grad`` (no second d_out × d_in tensor), which is overwritten.
+    """
+    return grad.mul_(weight.detach().to(grad.device)).abs_().sum(dim=1)
 
 
 def quantile_mean(scores: Tensor, levels: int = 11) -> Tensor:
@@ -96,15 +99,18 @@ def l2(model: nn.Module, weights: dict[str, Tensor], batches: list[dict]) -> Sco
 
 
 @register("taylor", needs_data=True)
-def taylor(model: nn.Module, weights: dict[str, Tensor], batches: list[dict]) -> Scores:
-    grads = mean_gradients(model, weights, batches)
-    return {name: row_taylor(w, grads[name]) for name, w in weights.items()}
+def taylor(model: nn.Module, weights: dict[str, Tensor], batches: list[dict],
+           calibration_micro_batch: int | None = None) -> Scores:
+    # float32 mean gradients (one W), turned into row scores in place and freed one layer at a time
+    grads = mean_gradients(model, weights, batches, calibration_micro_batch)
+    return {name: row_taylor(w, grads.pop(name)) for name, w in weights.items()}
 
 
 @register("qm_taylor", needs_data=True, classification_only=True)
-def qm_taylor(model: nn.Module, weights: dict[str, Tensor], batches: list[dict], quantiles: int = 11) -> Scores:
+def qm_taylor(model: nn.Module, weights: dict[str, Tensor], batches: list[dict], quantiles: int = 11,
+              calibration_micro_batch: int | None = None) -> Scores:
     # one label at a time: only (d_out,) scores per label are kept, never a gradient per label
-    per_label = [taylor(model, weights, group) for group in split_by_label(batches).values()]
+    per_label = [taylor(model, weights, group, calibration_micro_batch) for group in split_by_label(batches).values()]
     return {name: quantile_mean(torch.stack([s[name] for s in per_label]), quantiles) for name in weights}
 
 
