@@ -125,7 +125,7 @@ def main() -> None:
         print(f"skipped salience figures: no {salience} (run `python scripts/bench.py salience`)")
     for path in sorted(args.bench.glob("*.json")):
         data = json.loads(path.read_text())
-        if "rows" in data:
+        if data.get("rows") and "step_s" in data["rows"][0]:  # `bench.py steps` outputs; kernels etc. are tables
             bench_figure(path.stem, data, args.out)
     for path in sorted(args.tables.glob("*.csv")):
         table_figure(path, args.out)

@@ -93,8 +93,8 @@ def migrated(record: dict[str, Any], where: Path) -> dict[str, Any] | None:
         if key in record["config"]:
             new[key] = record["config"][key]
     digest = records.config_hash(new)
-    if digest == record["config_hash"] and not changes:
-        return None
+    if digest == record["config_hash"] and flatten(new) == flatten(record["config"]):
+        return None  # current (a kept old value stays a difference from today's default, not a change)
     history = record.get("migrations", []) + [{"name": MIGRATION["name"], "from_hash": record["config_hash"],
                                                "changes": changes}]
     return record | {"config": new, "config_hash": digest, "migrations": history}

@@ -1,0 +1,40 @@
+"""The committed run records stay findable: each is current with today's schema (resume by config
+hash finds it), and a migration accepts only the schema changes it lists."""
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+
+from speft_bench import records
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import migrate_records  # noqa: E402
+
+COMMITTED = sorted((ROOT / "results").rglob(records.RECORD_NAME))
+
+
+def test_every_committed_record_is_current_and_hashes_to_itself():
+    assert len(COMMITTED) >= 95
+    for path in COMMITTED:
+        record = records.read_record(path)
+        assert records.config_hash(record["config"]) == record["config_hash"], path
+        assert migrate_records.migrated(record, path) is None, path  # a rerun of its command has its hash
+
+
+def test_a_record_from_before_a_new_knob_is_migrated_and_one_with_another_difference_is_refused():
+    path = next(p for p in COMMITTED if "/cpu/" in str(p))
+    record = records.read_record(path)
+    old = copy.deepcopy(record)
+    del old["config"]["train"]["precision"]  # as written before train.precision existed
+    old["config_hash"] = records.config_hash(old["config"])
+    update = migrate_records.migrated(old, path)
+    assert update["config_hash"] == record["config_hash"]
+    assert update["migrations"][-1]["changes"] == {"train.precision": {"added": "fp32"}}
+    wrong = copy.deepcopy(old)
+    wrong["config"]["train"]["lr"] = 1.0  # not a schema change: the record would be relabelled
+    with pytest.raises(ValueError, match=r"train.lr is 1.0 in the record but 0.0005"):
+        migrate_records.migrated(wrong, Path("x"))
