@@ -47,7 +47,9 @@ sweep-cpu-speft-table1:  ## CPU twin of SPEFT Table 1/9: LoRA, PiSSA, SPEFT x 8 
 
 sweep-cpu-speft-table4:  ## CPU twin of SPEFT Table 4: static/dynamic x global/local masks, gradient salience
 	$(PY) -m speft_bench --multirun experiment=cpu_minilm_glue method=speft metric=gradient \
-	    masking=static_global,static_local,dynamic_global,dynamic_local $(CPU_RUNS)
+	    masking=static_global,static_local $(CPU_RUNS)
+	$(PY) -m speft_bench --multirun experiment=cpu_minilm_glue method=speft metric=gradient \
+	    masking=dynamic_global,dynamic_local masking.interval=100 $(CPU_RUNS)
 
 sweep-cpu-spsft:  ## CPU twin of SPSFT Tables 3/5: SPSFT (l2, taylor, qm_taylor, MLP-only), full, head
 	$(PY) -m speft_bench --multirun experiment=cpu_minilm_glue method=spsft metric=l2,taylor $(CPU_RUNS)

@@ -3,7 +3,7 @@
 When the schema gains a knob, a rerun of a record's own command composes a config (and a hash) that
 differs from the stored one by the new key, and resume no longer finds the record.  For every record
 under the given folders this recomposes the config from ``record["command"]``, checks that it differs
-from the stored one only as ``MIGRATION`` allows, and rewrites ``config`` and ``config_hash``; the
+from the stored one only as ``MIGRATIONS`` allow, and rewrites ``config`` and ``config_hash``; the
 previous hash and the changes are appended to ``record["migrations"]``.  Any other difference stops the
 script naming the record and the key: a record is never silently relabelled.
 
@@ -27,20 +27,34 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from speft_bench import records  # noqa: E402
 from speft_bench.schemas import PROJECT_ROOT, register_schemas  # noqa: E402
 
-# The paper-scale change (train.device/precision/…): each new key is at a value that does exactly what
-# the committed runs did (CPU here, fp32, no accumulation or checkpointing, pretrained weights);
-# model.dtype (float32 in every committed record) became train.precision=fp32.
-MIGRATION = {
-    "name": "paper-scale knobs (device, precision, accumulation, checkpointing, random init, salience memory)",
-    "added": {"train.device": "auto", "train.precision": "fp32", "train.master_fp32": True,
-              "train.micro_batch_size": None, "train.gradient_checkpointing": False, "model.init": "pretrained",
-              "model.architecture": None, "model.num_layers": None, "method.calibration_micro_batch": None,
-              "method.salience_offload": False, "method.value_grad": "auto", "dry_run": False},
-    "removed": {"model.dtype": "float32"},
-    # a changed default: the stored value is what the run used, and stays (a rerun at the new default is
-    # another run; resume does not take the old record for it)
-    "kept": ("task.eval.batch_size",),
-}
+def _dynamic(config: dict[str, Any]) -> bool:
+    return bool(config.get("masking", {}).get("dynamic")) and config.get("method", {}).get("name") == "speft"
+
+
+# The schema changes since records were first committed, oldest first.  Per dotted key, what a record
+# may differ in from its recomposed command:
+#   added:      absent in the record; today's value, or the callable's for that record (what the run did)
+#   removed:    absent today; the record's value must be this one
+#   kept:       where the callable says the run read the key, the record's value stays (a changed
+#               default: a rerun at today's default is another run); elsewhere the value was never read
+#               and today's replaces it
+MIGRATIONS = [
+    {"name": "paper-scale knobs (device, precision, accumulation, checkpointing, random init, salience memory)",
+     # each new key at a value that does exactly what the committed runs did (CPU here, fp32, no
+     # accumulation or checkpointing, pretrained weights); model.dtype (float32 in every committed
+     # record) became train.precision=fp32
+     "added": {"train.device": "auto", "train.precision": "fp32", "train.master_fp32": True,
+               "train.micro_batch_size": None, "train.gradient_checkpointing": False, "model.init": "pretrained",
+               "model.architecture": None, "model.num_layers": None, "method.calibration_micro_batch": None,
+               "method.salience_offload": False, "method.value_grad": "auto", "dry_run": False},
+     "removed": {"model.dtype": "float32"},
+     "kept": {"task.eval.batch_size": lambda config: True}},
+    {"name": "masking settings only where a refresh reads them; masking.optimizer_reset",
+     # dynamic runs reset only the sparse values' Adam state (today's `values`; the default is the
+     # paper's `all`) and kept their interval; elsewhere masking.interval was never read
+     "added": {"masking.optimizer_reset": lambda config: "values" if _dynamic(config) else "all"},
+     "kept": {"masking.interval": _dynamic}},
+]
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -68,10 +82,16 @@ def recompose(command: str) -> dict[str, Any]:
         return records.resolved_config(compose(config_name="config", overrides=overrides))
 
 
+def _rules() -> dict[str, tuple[str, Any]]:
+    """Every migration's allowance per dotted key: (kind, value or callable)."""
+    return {path: (kind, value) for migration in MIGRATIONS for kind in ("added", "removed", "kept")
+            for path, value in migration.get(kind, {}).items()}
+
+
 def migrated(record: dict[str, Any], where: Path) -> dict[str, Any] | None:
     """The record with today's config and hash, or None when it is current; ValueError if not allowed."""
     old, new = flatten(record["config"]), recompose(record["command"])
-    flat_new = flatten(new)
+    flat_new, rules = flatten(new), _rules()
     changes = {}
     for path in sorted(old.keys() | flat_new.keys()):
         if path.split(".")[0] in records.NOT_IDENTITY:
@@ -79,23 +99,30 @@ def migrated(record: dict[str, Any], where: Path) -> dict[str, Any] | None:
         before, after = old.get(path, "<absent>"), flat_new.get(path, "<absent>")
         if before == after:
             continue
-        if path in MIGRATION["added"] and before == "<absent>" and after == MIGRATION["added"][path]:
-            changes[path] = {"added": after}
-        elif path in MIGRATION["removed"] and after == "<absent>" and before == MIGRATION["removed"][path]:
+        kind, value = rules.get(path, (None, None))
+        faithful = value(record["config"]) if kind == "added" and callable(value) else value
+        if kind == "added" and before in ("<absent>", faithful):  # present: migrated before, at what the run did
+            set_path(new, path, faithful)
+            if before == "<absent>":
+                changes[path] = {"added": faithful}
+        elif kind == "removed" and after == "<absent>" and before == value:
             changes[path] = {"removed": before}
-        elif path in MIGRATION["kept"] and before != "<absent>":
-            set_path(new, path, before)
-            changes[path] = {"kept": before, "default_now": after}
+        elif kind == "kept" and before != "<absent>" and after != "<absent>":
+            if value(record["config"]):
+                set_path(new, path, before)
+                changes[path] = {"kept": before, "default_now": after}
+            else:
+                changes[path] = {"normalised": after, "was, never read": before}
         else:
             raise ValueError(f"{where}: {path} is {before!r} in the record but {after!r} when its command is "
-                             f"recomposed; not a change of {MIGRATION['name']!r}")
+                             f"recomposed; not a change of any migration ({', '.join(m['name'] for m in MIGRATIONS)})")
     for key in records.NOT_IDENTITY:  # where and how it ran: as it was
         if key in record["config"]:
             new[key] = record["config"][key]
     digest = records.config_hash(new)
     if digest == record["config_hash"] and flatten(new) == flatten(record["config"]):
         return None  # current (a kept old value stays a difference from today's default, not a change)
-    history = record.get("migrations", []) + [{"name": MIGRATION["name"], "from_hash": record["config_hash"],
+    history = record.get("migrations", []) + [{"name": MIGRATIONS[-1]["name"], "from_hash": record["config_hash"],
                                                "changes": changes}]
     return record | {"config": new, "config_hash": digest, "migrations": history}
 

@@ -57,8 +57,7 @@ from speft_bench.adapters import wrap_linears
 from speft_bench.masking import budget_from_density, local_budgets, lora_param_count
 from speft_bench.methods import METHODS, MethodContext, Prepared, freeze_all_but
 from speft_bench.methods.speft.layer import SparseDeltaLinear
-from speft_bench.methods.spsft import block_norm_parameters, rows_per_layer
-from speft_bench.methods.spsft.model import attach_row_deltas
+from speft_bench.methods.spsft import attach_trainable_rows, rows_per_layer
 from speft_bench.models import head_parameters, is_norm, parameter_counts, resolve_pretrained, targets_for
 from speft_bench.schemas import ConfigError, LoraInit, ModelInit, validate
 from speft_bench.tasks import TASK_KINDS
@@ -282,12 +281,7 @@ def spsft_placeholder(model: nn.Module, cfg: DictConfig, typed: dict[str, Any]) 
     targets = targets_for(model, typed["model"], spec.targets)
     rows = {name: torch.arange(rows_per_layer(spec, name, m.out_features), device="cpu")  # checked by value
             for name, m in targets.items()}
-    model.requires_grad_(False)
-    layers = attach_row_deltas(model, rows)
-    groups = {"row_deltas": {f"{name}.delta": layer.delta for name, layer in layers.items()},
-              "norms": block_norm_parameters(model, targets) if spec.train_norms else {},
-              "head": head_parameters(model) if spec.train_head else {}}
-    freeze_all_but(model, {name: p for group in groups.values() for name, p in group.items()})
+    layers, groups = attach_trainable_rows(model, targets, rows, spec)
     trainable = {group: sum(p.numel() for p in params.values()) for group, params in groups.items()}
     return Prepared(model, {"budget_rule": f"fraction={spec.fraction}" if spec.fraction is not None else f"r={spec.r}",
                             "rows": sum(len(r) for r in rows.values()), "target_modules": len(layers),

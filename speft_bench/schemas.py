@@ -9,7 +9,7 @@ Every message names the knob (``method.r``) and the allowed values or range.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -292,16 +292,36 @@ class QmTaylorSchema(MetricSchema):
         _check(self.quantiles >= 2, f"metric.quantiles must be >= 2, got {self.quantiles}")
 
 
+# masking.optimizer_reset: whose optimizer state a dynamic-mask refresh drops (methods/speft/__init__.py)
+OPTIMIZER_RESETS = ("all", "values")
+_DYNAMIC_ONLY = ("interval", "optimizer_reset")  # knobs read only by a dynamic mask's refresh
+
+
 @dataclass
 class MaskingSchema:
-    name: str = MISSING
+    name: str = MISSING  # <static|dynamic>_<scope>: must agree with `scope` and `dynamic`
     scope: str = "global"  # global: one top-k over all targets; local: per layer, share ∝ size
     dynamic: bool = False
     interval: int = 1000  # steps between mask refreshes when dynamic (paper: I = 1000)
+    optimizer_reset: str = "all"  # at a refresh: all: every parameter's state, as the paper (§3.4); values: the sparse values' only
 
     def __post_init__(self) -> None:
         _check(self.scope in ("global", "local"), f"masking.scope must be one of ['global', 'local'], got {self.scope!r}")
         _positive("masking.interval", self.interval)
+        _check(self.optimizer_reset in OPTIMIZER_RESETS,
+               f"masking.optimizer_reset must be one of {list(OPTIMIZER_RESETS)}, got {self.optimizer_reset!r}")
+        implied = f"{'dynamic' if self.dynamic else 'static'}_{self.scope}"
+        _check(self.name == implied, f"masking.scope={self.scope} and masking.dynamic={str(self.dynamic).lower()} "
+                                     f"contradict masking={self.name}; choose masking={implied} instead")
+        if not self.dynamic:  # a static mask never refreshes: a changed refresh knob would be silently ignored
+            for knob in _DYNAMIC_ONLY:
+                default = MASKING_DEFAULTS[knob]
+                _check(getattr(self, knob) == default, f"masking.{knob}={getattr(self, knob)} is read only by dynamic "
+                                                       f"masks; masking={self.name} is static (leave it at {default})")
+
+
+# Defaults of every masking knob but the name: what a method that does not use masking must leave.
+MASKING_DEFAULTS = {f.name: f.default for f in fields(MaskingSchema) if f.name != "name"}
 
 
 @dataclass
@@ -404,10 +424,27 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
     method_name = typed["method"].name
     _check(method_name in METHODS, f"method.name={method_name!r} is not known; allowed values: {', '.join(METHODS.names())}")
     METHODS[method_name].check(cfg, typed)
+    _check_masking_is_used(METHODS, method_name, typed["masking"])
     from speft_bench.tasks import TASK_KINDS
 
     TASK_KINDS[typed["task"].kind.name].check(typed)  # cross-group rules of the task kind (model family, ...)
     return typed
+
+
+def _check_masking_is_used(methods, method_name: str, masking: MaskingSchema) -> None:
+    """A method that does not read masking (``Method.uses_masking``) takes only its default.
+
+    Otherwise the knob would be silently ignored yet enter the record and the config hash.
+    """
+    if methods[method_name].uses_masking:
+        return
+    changed = [f"masking.{knob}={getattr(masking, knob)!r}" for knob, default in MASKING_DEFAULTS.items()
+               if getattr(masking, knob) != default]  # the name agrees with scope and dynamic (MaskingSchema)
+    users = [name for name in methods.names() if methods[name].uses_masking]
+    _check(not changed, f"method={method_name} does not use masking, so {', '.join(changed)} would be ignored; "
+                        f"only method={'|'.join(users)} reads it: leave masking at its default "
+                        f"(masking=static_{MASKING_DEFAULTS['scope']}: "
+                        f"{', '.join(f'masking.{k}={v!r}' for k, v in MASKING_DEFAULTS.items())})")
 
 
 register_schemas()

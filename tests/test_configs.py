@@ -37,6 +37,8 @@ def partners(group: str, option: str) -> tuple[str, ...]:
         return ("task=mrpc", "method=spsft")  # neuron-importance metrics choose SPSFT's rows
     if group == "metric" and option != "none":
         return ("task=mrpc", "method=speft")  # salience metrics choose SPEFT's entries
+    if group == "masking":
+        return ("task=mrpc", "method=speft", "metric=gradient")  # only SPEFT reads masking
     if group == "method" and option == "speft":
         return ("task=mrpc", "metric=gradient")
     if group == "method" and option == "spsft":
@@ -121,6 +123,30 @@ BAD_CONFIGS = [
     (["method=pretrained"], ConfigError, "method=pretrained needs a task whose model is used as loaded (task.kind=instruct), got task.kind='glue'"),
     (["task=gsm8k", "model=smollm2_135m", "task.eval.tasks=[humaneval]"], ConfigError, "allow_code_execution"),
     (["task=gsm8k", "model=smollm2_135m", "task.eval.tasks=[mmlu_nope]"], ConfigError, "task.eval.tasks: unknown tasks ['mmlu_nope']"),
+    (["method=full", "metric=fisher"], ConfigError, "metric='fisher' is not valid for method='full'; allowed: none"),
+    (["task=gsm8k", "model=smollm2_135m", "method=pretrained", "metric=taylor"], ConfigError,
+     "metric='taylor' is not valid for method='pretrained'"),
+    # masking knobs that would be silently ignored (yet enter the record and the config hash)
+    (["masking=dynamic_global"], ConfigError,
+     "method=lora does not use masking, so masking.dynamic=True would be ignored; only method=speft reads it"),
+    (["method=spsft", "metric=taylor", "masking=static_local"], ConfigError,
+     "method=spsft does not use masking, so masking.scope='local' would be ignored"),
+    (["method=head", "masking=dynamic_local"], ConfigError, "method=head does not use masking"),
+    (["method=pissa", "masking=dynamic_global"], ConfigError, "method=pissa does not use masking"),
+    (["method=dora", "masking=static_local"], ConfigError, "method=dora does not use masking"),
+    (["method=full", "masking=dynamic_global", "masking.interval=10"], ConfigError, "method=full does not use masking"),
+    (["task=gsm8k", "model=smollm2_135m", "method=pretrained", "masking=dynamic_global"], ConfigError,
+     "method=pretrained does not use masking"),
+    (["method=speft", "metric=gradient", "masking=static_global", "masking.scope=local"], ConfigError,
+     "masking.scope=local and masking.dynamic=false contradict masking=static_global; choose masking=static_local"),
+    (["method=speft", "metric=gradient", "masking=dynamic_local", "masking.dynamic=false"], ConfigError,
+     "contradict masking=dynamic_local; choose masking=static_local"),
+    (["method=speft", "metric=gradient", "masking.interval=10"], ConfigError,
+     "masking.interval=10 is read only by dynamic masks; masking=static_global is static (leave it at 1000)"),
+    (["method=speft", "metric=gradient", "masking=static_local", "masking.optimizer_reset=values"], ConfigError,
+     "masking.optimizer_reset=values is read only by dynamic masks"),
+    (["method=speft", "metric=gradient", "masking=dynamic_global", "masking.optimizer_reset=none"], ConfigError,
+     "masking.optimizer_reset must be one of ['all', 'values'], got 'none'"),
 ]
 
 

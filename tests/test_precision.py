@@ -15,7 +15,9 @@ from transformers import BertConfig, BertForSequenceClassification
 from speft_bench import precision
 from speft_bench.batches import micro_batches
 from speft_bench.methods import METHODS, MethodContext
+from speft_bench.methods.speft.layer import SparseDeltaLinear
 from speft_bench.methods.speft.model import sparse_deltas, value_grad_counts
+from speft_bench.methods.spsft.layer import RowDeltaLinear
 from speft_bench.run import forward_backward
 from speft_bench.schemas import ConfigError, TrainSchema, validate
 
@@ -165,3 +167,40 @@ def test_body_dtype_and_autocast_follow_the_knobs(train_precision, master_fp32, 
 def test_an_unknown_precision_names_the_knob():
     with pytest.raises(ConfigError, match=r"train.precision must be one of \['fp32', 'bf16', 'bf16-mixed'\], got 'fp16'"):
         precision.body_dtype("fp16")
+
+
+def sparse_layer(value_grad: str):
+    gen = torch.Generator().manual_seed(0)
+    layer = SparseDeltaLinear(torch.nn.Linear(40, 24), torch.randperm(960, generator=gen)[:100], value_grad)
+    with torch.no_grad():
+        layer.values.copy_(torch.randn(100, generator=gen))
+    return layer, "values"
+
+
+def row_layer():
+    gen = torch.Generator().manual_seed(0)
+    layer = RowDeltaLinear(torch.nn.Linear(40, 24), torch.tensor([7, 2, 19]))
+    with torch.no_grad():
+        layer.delta.copy_(torch.randn(3, 40, generator=gen))
+    return layer, "delta"
+
+
+@pytest.mark.parametrize("build", [lambda: sparse_layer("dense"), lambda: sparse_layer("sampled"), row_layer],
+                         ids=["speft-dense", "speft-sampled", "spsft"])
+def test_the_sparse_layers_under_bf16_autocast_match_fp32(build):
+    layer, trainable = build()
+    x = torch.randn(3, 300, 40, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    grads = {}
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = layer(x)
+        assert y.dtype == (torch.bfloat16 if autocast else torch.float32)
+        y.float().square().sum().backward()  # outside autocast, as training does
+        grads[autocast] = getattr(layer, trainable).grad, x.grad
+        getattr(layer, trainable).grad = x.grad = None
+    (t32, x32), (t16, x16) = grads[False], grads[True]
+    assert t16.dtype == x16.dtype == torch.float32
+    # bf16 rounding of x, W (+ the delta) and the upstream gradient: ~2^-8 relative each
+    torch.testing.assert_close(t16, t32, rtol=0, atol=2e-2 * t32.abs().max().item())
+    torch.testing.assert_close(x16, x32, rtol=0, atol=2e-2 * x32.abs().max().item())
+    assert not torch.equal(t16, t32)  # it did compute in bf16

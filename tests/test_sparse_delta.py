@@ -124,26 +124,6 @@ def test_bf16_body_with_fp32_values_matches_an_fp64_reference(value_grad):
     torch.testing.assert_close(x.grad.double(), g64 @ w_eff, rtol=2 ** -8, atol=1e-2)
 
 
-@pytest.mark.parametrize("value_grad", KERNELS)
-def test_under_bf16_autocast_the_gradients_match_fp32(value_grad):
-    layer = random_layer(d_in=40, d_out=24, k=100, dtype=torch.float32, value_grad=value_grad)
-    x = torch.randn(3, 300, 40, generator=torch.Generator().manual_seed(4), requires_grad=True)
-    grads = {}
-    for autocast in (False, True):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            y = layer(x)
-        assert y.dtype == (torch.bfloat16 if autocast else torch.float32)
-        y.float().square().sum().backward()  # outside autocast, as training does
-        grads[autocast] = layer.values.grad, x.grad
-        layer.values.grad = x.grad = None
-    (v32, x32), (v16, x16) = grads[False], grads[True]
-    assert v16.dtype == x16.dtype == torch.float32
-    # bf16 rounding of x, W + Δ and the upstream gradient: ~2^-8 relative each
-    torch.testing.assert_close(v16, v32, rtol=0, atol=2e-2 * v32.abs().max().item())
-    torch.testing.assert_close(x16, x32, rtol=0, atol=2e-2 * x32.abs().max().item())
-    assert not torch.equal(v16, v32)  # it did compute in bf16
-
-
 # the faster kernel measured on Llama3-8B's shapes at LoRA r=64's budget, 256 tokens (BENCHMARKS.md)
 LLAMA3_R64_FASTER = {
     torch.float32: {(4096, 4096): "sampled", (1024, 4096): "sampled", (14336, 4096): "sampled", (4096, 14336): "sampled"},
@@ -242,11 +222,11 @@ def test_set_mask_resets_values_keeps_the_parameter_and_commits_merges():
     assert layer.indices.tolist() == [3, 17, 29] and layer.indices.dtype == torch.int32
     assert torch.equal(layer.base.weight, merged_w) and layer.base_changed and not layer.merged
     assert "k=3, density=0.1" in repr(layer)
-
-    optimizer.state.pop(values)  # as the dynamic-mask refresh does
-    layer(torch.randn(3, 6)).sum().backward()
-    optimizer.step()
-    assert layer.values.count_nonzero() == 3
+    # the optimizer's stale moments (sized for k=8) are the refresh's to drop: see
+    # test_speft_method.py::test_a_refresh_resets_the_optimizer_state_it_names, which drives the real one
+    with pytest.raises(RuntimeError, match="size"):
+        layer(torch.randn(3, 6)).sum().backward()
+        optimizer.step()
 
 
 @pytest.mark.parametrize(("indices", "message"), [

@@ -3,8 +3,12 @@
 import pytest
 import torch
 
+from speft_bench.masking import mask_digest
+from speft_bench.methods import METHODS, MethodContext
+from speft_bench.methods.speft.model import sparse_deltas
 from speft_bench.run import calibration_sampler, run
 from speft_bench.salience import SALIENCE_METRICS
+from speft_bench.schemas import validate
 
 from conftest import CONF, compose_config
 
@@ -29,7 +33,8 @@ CASES = ([(metric, "static_global") for metric in METRICS] + [("gradient", m) fo
 
 @pytest.mark.parametrize(("metric", "masking"), CASES)
 def test_every_metric_and_masking_runs_end_to_end(tmp_path, metric, masking):
-    cfg = compose_config("method=speft", f"metric={metric}", f"masking={masking}", "masking.interval=1", *TINY)
+    refresh = ["masking.interval=1"] if masking.startswith("dynamic") else []  # a static mask rejects the knob
+    cfg = compose_config("method=speft", f"metric={metric}", f"masking={masking}", *refresh, *TINY)
     record = run(cfg, tmp_path)
     assert record["status"] == "completed"
     # budget = LoRA r=8 on the same 36 linears; + the dense classifier head (770)
@@ -38,14 +43,71 @@ def test_every_metric_and_masking_runs_end_to_end(tmp_path, metric, masking):
     assert len(record["method"]["refreshes"]) == (1 if masking.startswith("dynamic") else 0)
 
 
-def test_dynamic_mask_really_recomputes_salience(tmp_path):
+def test_dynamic_mask_really_recomputes_salience(tmp_path, monkeypatch):
+    import speft_bench.methods.speft as speft
+
+    masks = {}  # digest -> the mask it was computed from: the record names each mask by its digest
+
+    def digest(mask):
+        masks[key := mask_digest(mask)] = {name: set(idx.tolist()) for name, idx in mask.items()}
+        return key
+
+    monkeypatch.setattr(speft, "mask_digest", digest)
     cfg = compose_config("method=speft", "metric=gradient", "masking=dynamic_global", "masking.interval=2",
                          *TINY, "train.max_steps=5")
-    refreshes = run(cfg, tmp_path)["method"]["refreshes"]
+    method = run(cfg, tmp_path)["method"]
+    refreshes = method["refreshes"]
     assert [r["step"] for r in refreshes] == [2, 4]
-    assert all(r["examples"] == 8 and r["salience_s"] > 0 for r in refreshes)
-    # fresh calibration batches and trained weights change the selection
-    assert all(0.0 < r["overlap"] < 1.0 for r in refreshes)
+    assert all(r["examples"] == 8 and r["salience_s"] > 0 and r["optimizer_reset"] == "all" for r in refreshes)
+    # each recorded overlap is |previous ∩ new| / |previous| of the two recorded masks, recomputed here
+    digests = [method["mask_sha256"]] + [r["mask_sha256"] for r in refreshes]
+    for previous, new, refresh in zip(digests, digests[1:], refreshes):
+        a, b = masks[previous], masks[new]
+        kept = sum(len(a[name] & b[name]) for name in a) / sum(len(a[name]) for name in a)
+        assert refresh["overlap"] == pytest.approx(kept, abs=1e-12)
+        assert 0.0 < kept < 1.0  # fresh calibration batches and trained weights change the selection
+
+
+def calibration(round_: int, n: int, size: int) -> list[dict]:
+    gen = torch.Generator().manual_seed(round_)  # each round a fresh sample, as calibration_sampler draws
+    return [{"input_ids": torch.randint(1000, 20000, (size, 16), generator=gen),
+             "attention_mask": torch.ones(size, 16, dtype=torch.long),
+             "labels": torch.randint(0, 2, (size,), generator=gen)} for _ in range(n // size)]
+
+
+def one_step(model, optimizer, batch) -> None:
+    model(**batch).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("reset", ["all", "values"])
+def test_a_refresh_resets_the_optimizer_state_it_names(minilm, reset):
+    cfg = compose_config("method=speft", "metric=gradient", "masking=dynamic_global", "masking.interval=3",
+                         f"masking.optimizer_reset={reset}", *TINY)
+    typed = validate(cfg)
+    prepared = METHODS["speft"]().prepare(minilm(), MethodContext(cfg, typed, calibration))
+    model, layers = prepared.model.train(), sparse_deltas(prepared.model)
+    values = {id(layer.values) for layer in layers.values()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    head = [p for p in params if id(p) not in values]
+    assert len(head) == 2 and len(params) == 36 + 2  # classifier weight and bias
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    batch = calibration(7, 4, 4)[0]
+    prepared.on_step(0, optimizer)  # not a refresh step
+    one_step(model, optimizer, batch)
+    assert {id(p) for p in optimizer.state} == {id(p) for p in params}
+
+    prepared.on_step(3, optimizer)  # a refresh: a new mask, values zeroed
+    held = {id(p) for p in optimizer.state}
+    assert held == ({id(p) for p in head} if reset == "values" else set())
+    assert prepared.info["refreshes"][-1]["step"] == 3 and prepared.info["refreshes"][-1]["optimizer_reset"] == reset
+    lr = optimizer.param_groups[0]["lr"]
+    one_step(model, optimizer, batch)  # fresh moments, sized for the new entries
+    assert optimizer.param_groups[0]["lr"] == lr  # the schedule's lr is the param group's: kept
+    assert all(optimizer.state[layer.values]["step"] == 1 for layer in layers.values())
+    assert all(optimizer.state[p]["step"] == (2 if reset == "values" else 1) for p in head)
+    assert all(layer.values.count_nonzero() == layer.k for layer in layers.values())  # every new entry moved
 
 
 def test_calibration_rounds_draw_fresh_examples():

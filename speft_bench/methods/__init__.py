@@ -33,7 +33,7 @@ class Prepared:
     """A model ready to train, what the record should say about it, and two optional hooks.
 
     ``on_step(step, optimizer)`` runs before each optimizer step is taken (dynamic masks use it to
-    re-select entries and reset the optimizer state of the ones that changed).  ``save(path)`` writes
+    re-select entries and reset the optimizer state, per ``masking.optimizer_reset``).  ``save(path)`` writes
     the trained adapter (sparse tuners; peft's own methods are saved with peft).
     """
 
@@ -47,6 +47,9 @@ class Method:
     """Base class: subclasses register with ``@METHODS.register("name")``."""
 
     metrics: tuple[str, ...] = ("none",)  # salience metrics this method accepts
+    # Reads the masking group; a method that does not takes only its defaults (schemas.validate),
+    # so an ignored masking knob cannot enter the record and the config hash.
+    uses_masking: bool = False
 
     @classmethod
     def check(cls, cfg: DictConfig, typed: dict[str, Any]) -> None:

@@ -3,7 +3,7 @@
 The entries of θsp are the top-k of a salience metric computed on calibration batches (Algorithm 1),
 ranked globally or per layer.  With a dynamic mask, every ``masking.interval`` steps the delta is
 merged into θ0, salience is recomputed on fresh batches, a new mask is chosen and the optimizer
-state of the sparse values is reset (section 3.4).
+is reinitialised (section 3.4; ``masking.optimizer_reset=values``: only the sparse values' state).
 """
 
 from __future__ import annotations
@@ -37,8 +37,20 @@ def plain_linears(model: nn.Module, layers: dict[str, SparseDeltaLinear]):
             model.set_submodule(name, layer)
 
 
+def _reset_values(optimizer, layers: dict[str, SparseDeltaLinear]) -> None:
+    for layer in layers.values():
+        optimizer.state.pop(layer.values, None)
+
+
+# masking.optimizer_reset -> what a refresh drops; param groups (lr, schedule) are kept either way.
+# all: the paper's reinitialised optimizer (Algorithm 1), head moments included.
+OPTIMIZER_RESETS = {"all": lambda optimizer, layers: optimizer.state.clear(), "values": _reset_values}
+
+
 @METHODS.register("speft")
 class SPEFT(Method):
+    uses_masking = True
+
     @classmethod
     def check(cls, cfg, typed) -> None:
         metric = typed["metric"].name
@@ -97,10 +109,10 @@ class SPEFT(Method):
                 new, cost = choose(step // masking.interval)
             for name, layer in layers.items():
                 layer.set_mask(new[name])
-                optimizer.state.pop(layer.values, None)  # no stale Adam moments on new entries
+            OPTIMIZER_RESETS[masking.optimizer_reset](optimizer, layers)  # no stale Adam moments on new entries
             model.train()
             info["refreshes"].append({"step": step, "overlap": mask_overlap(indices, new), "mask_sha256": mask_digest(new),
-                                      **cost})
+                                      "optimizer_reset": masking.optimizer_reset, **cost})
             indices = new
 
         return Prepared(model, info, on_step=refresh)

@@ -48,6 +48,19 @@ def block_norm_parameters(model: nn.Module, targets: dict[str, nn.Module]) -> di
             for p_name, p in m.named_parameters(recurse=False)}
 
 
+def attach_trainable_rows(model: nn.Module, targets: dict[str, nn.Module], rows: dict[str, torch.Tensor],
+                          spec: SpsftSchema) -> tuple[dict[str, nn.Module], dict[str, dict[str, nn.Parameter]]]:
+    """Row deltas at ``rows`` on the ``targets``; returns the layers and the trainable groups (row deltas,
+    block norms with ``method.train_norms``, the head with ``method.train_head``), everything else frozen."""
+    model.requires_grad_(False)
+    layers = attach_row_deltas(model, rows)
+    groups = {"row_deltas": {f"{name}.delta": layer.delta for name, layer in layers.items()},
+              "norms": block_norm_parameters(model, targets) if spec.train_norms else {},
+              "head": head_parameters(model) if spec.train_head else {}}
+    freeze_all_but(model, {name: p for group in groups.values() for name, p in group.items()})
+    return layers, groups
+
+
 @METHODS.register("spsft")
 class SPSFT(Method):
     @classmethod
@@ -80,12 +93,7 @@ class SPSFT(Method):
             labels = Counter(torch.cat([b["labels"] for b in batches]).tolist())
             calibration["examples_per_label"] = {str(int(label)): n for label, n in sorted(labels.items())}
 
-        model.requires_grad_(False)
-        layers = attach_row_deltas(model, rows)
-        groups = {"row_deltas": {f"{name}.delta": layer.delta for name, layer in layers.items()},
-                  "norms": block_norm_parameters(model, targets) if spec.train_norms else {},
-                  "head": head_parameters(model) if spec.train_head else {}}
-        freeze_all_but(model, {name: p for group in groups.values() for name, p in group.items()})
+        layers, groups = attach_trainable_rows(model, targets, rows, spec)
         info: dict[str, Any] = {
             "metric": metric.name,
             "budget_rule": f"fraction={spec.fraction}" if spec.fraction is not None else f"r={spec.r}",
