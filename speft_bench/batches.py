@@ -30,5 +30,20 @@ def micro_batches(batch: dict[str, Tensor], size: int | None) -> list[dict[str, 
     return [{key: value[start:start + size] for key, value in batch.items()} for start in range(0, n, size)]
 
 
+def weighted_pieces(batches: list[dict[str, Tensor]], micro_batch: int | None) -> list[tuple[dict[str, Tensor], float]]:
+    """(micro-batch, weight) over all ``batches``: the weight is the piece's share of the loss terms of
+    all of them, so Σ weight · mean loss(piece) is the per-term mean over the whole set.
+
+    Terms are examples for classification (so whole batches keep the weights they always had) and
+    response tokens for causal LMs.  Pieces without a loss term (only prompt tokens) are left out: their
+    mean loss is 0/0.
+    """
+    total = sum(loss_terms(b) for b in batches)
+    if total == 0:
+        raise ValueError("the batches carry no loss terms (every label is ignored)")
+    return [(piece, terms / total) for batch in batches for piece in micro_batches(batch, micro_batch)
+            if (terms := loss_terms(piece))]
+
+
 def to_device(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
     return {key: value.to(device, non_blocking=True) for key, value in batch.items()}

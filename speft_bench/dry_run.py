@@ -54,8 +54,10 @@ from torch import nn
 
 from speft_bench import precision
 from speft_bench.adapters import wrap_linears
-from speft_bench.masking import budget_from_density, local_budgets, lora_param_count
+from speft_bench.masking import local_budgets
 from speft_bench.methods import METHODS, MethodContext, Prepared, freeze_all_but
+from speft_bench.methods.speft import budget as speft_budget
+from speft_bench.methods.speft import budget_rule
 from speft_bench.methods.speft.layer import SparseDeltaLinear
 from speft_bench.methods.spsft import attach_trainable_rows, rows_per_layer
 from speft_bench.models import head_parameters, is_norm, parameter_counts, resolve_pretrained, targets_for
@@ -259,20 +261,14 @@ def speft_placeholder(model: nn.Module, cfg: DictConfig, typed: dict[str, Any]) 
     """SPEFT's budget k (LoRA's count at method.lora_rank, or density), split over the targets in
     proportion to their size, with placeholder positions: the counts of a real mask, no salience."""
     spec = typed["method"]
-    targets = targets_for(model, typed["model"], spec.targets)
-    shapes = {name: tuple(m.weight.shape) for name, m in targets.items()}
-    k = lora_param_count(shapes, spec.lora_rank) if spec.lora_rank else budget_from_density(shapes, spec.density)
-    total = sum(a * b for a, b in shapes.values())
-    if k > total:
-        raise ConfigError(f"method.lora_rank={spec.lora_rank} asks for {k:,} trainable entries, more than the "
-                          f"{total:,} weights of the {len(shapes)} target linears of model={typed['model'].name}")
+    shapes, k, total = speft_budget(targets_for(model, typed["model"], spec.targets), spec, typed["model"].name)
     budgets = local_budgets(shapes, k)
     model.requires_grad_(False)
     layers = wrap_linears(model, budgets, lambda name, linear: _sparse_placeholder(linear, budgets[name]))
     trainable = {f"{name}.values": layer.values for name, layer in layers.items()}
     freeze_all_but(model, trainable | (head_parameters(model) if spec.train_head else {}))
     return Prepared(model, {"budget": k, "target_weights": total, "density": k / total, "target_modules": len(layers),
-                            "budget_rule": f"lora_rank={spec.lora_rank}" if spec.lora_rank else f"density={spec.density}"})
+                            "budget_rule": budget_rule(spec)})
 
 
 def spsft_placeholder(model: nn.Module, cfg: DictConfig, typed: dict[str, Any]) -> Prepared:

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Subset
 from transformers import get_linear_schedule_with_warmup
 
 from speft_bench import precision, records
-from speft_bench.batches import loss_terms, micro_batches, to_device
+from speft_bench.batches import loss_terms, to_device, weighted_pieces
 from speft_bench.device import device_record, reset_peak_memory, resolve_device
 from speft_bench.errors import NonFiniteError
 from speft_bench.loggers import RunLogger
@@ -78,18 +78,14 @@ def forward_backward(model, batch: dict, step: int, spec: TrainSchema, device: t
     this frame: one kept alive until the next step would pin the parameters' gradient accumulators,
     which a dynamic mask resizes.
     """
-    pieces = micro_batches(batch, spec.micro_batch_size)
-    total = loss_terms(batch)
+    if loss_terms(batch) == 0:  # every label ignored: the batch's mean loss is 0/0
+        raise NonFiniteError("loss", step)
     mean = 0.0
-    for piece in pieces:
-        terms = loss_terms(piece)
-        if terms == 0 and total > 0:  # e.g. only prompt tokens in this slice: nothing to learn from it
-            continue
+    for piece, weight in weighted_pieces([batch], spec.micro_batch_size):  # slices without a term are left out
         with precision.autocast(spec, device):
             loss = model(**to_device(piece, device)).loss
         if not torch.isfinite(loss):
             raise NonFiniteError("loss", step)
-        weight = terms / total if total else 1.0
         (loss * weight).backward()
         mean += loss.item() * weight
     return mean

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from speft_bench.batches import loss_terms, micro_batches
+from speft_bench.batches import weighted_pieces
 from speft_bench.errors import check_finite
 from speft_bench.progress import progress
 from speft_bench.registry import Registry
@@ -76,21 +76,6 @@ def score_buffers(weights: dict[str, Tensor], offload: bool = False) -> Scores:
 
 def score_dtype(weight: Tensor) -> torch.dtype:
     return torch.promote_types(weight.dtype, torch.float32)
-
-
-def weighted_pieces(batches: list[dict], micro_batch: int | None) -> list[tuple[dict, float]]:
-    """(micro-batch, weight) over all ``batches``: the weight is the piece's share of the loss terms of
-    the whole calibration set, so Σ weight · mean loss(piece) is the per-term mean over the set.
-
-    Terms are examples for GLUE (so whole batches keep the weights they always had) and response
-    tokens for causal LMs.  Pieces without a loss term (only prompt tokens) are left out: their mean
-    loss is 0/0.
-    """
-    total = sum(loss_terms(b) for b in batches)
-    if total == 0:
-        raise ValueError("the calibration batches carry no loss terms (every label is ignored)")
-    return [(piece, terms / total) for batch in batches for piece in micro_batches(batch, micro_batch)
-            if (terms := loss_terms(piece))]
 
 
 def backward_per_layer(loss: Tensor, weights: dict[str, Tensor], consume: Consume, create_graph: bool = False) -> None:

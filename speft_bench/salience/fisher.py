@@ -11,10 +11,10 @@ open) and are squared once complete.  Pieces without any loss term (causal LMs: 
 are left out, in the count of examples too.
 """
 
-from speft_bench.batches import loss_terms, micro_batches
+from speft_bench.batches import loss_terms, micro_batches, weighted_pieces
 from speft_bench.progress import progress
 from speft_bench.salience import (SALIENCE_METRICS, Scores, adder, backward_per_layer, batch_size, calibration_mode,
-                                  score_buffers, weighted_pieces)
+                                  score_buffers)
 
 
 @SALIENCE_METRICS.register("fisher")

@@ -15,9 +15,10 @@ second arrives.  Splitting the two would free it, but would change how the sums 
 
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from speft_bench.batches import weighted_pieces
 from speft_bench.progress import progress
 from speft_bench.salience import (SALIENCE_METRICS, Scores, adder, backward_per_layer, calibration_mode, mean_gradients,
-                                  score_buffers, weighted_pieces)
+                                  score_buffers)
 
 
 def dot_into(terms: dict, vectors: Scores):

@@ -22,7 +22,7 @@ from speft_bench.methods.speft.layer import SparseDeltaLinear
 from speft_bench.methods.speft.model import attach_sparse_deltas, save_adapter, value_grad_counts
 from speft_bench.models import head_parameters, targets_for
 from speft_bench.salience import SALIENCE_METRICS, compute_salience
-from speft_bench.schemas import ConfigError
+from speft_bench.schemas import ConfigError, SpeftSchema
 
 
 @contextmanager
@@ -47,6 +47,22 @@ def _reset_values(optimizer, layers: dict[str, SparseDeltaLinear]) -> None:
 OPTIMIZER_RESETS = {"all": lambda optimizer, layers: optimizer.state.clear(), "values": _reset_values}
 
 
+def budget(targets: dict[str, nn.Linear], spec: SpeftSchema, model_name: str) -> tuple[dict, int, int]:
+    """(shapes by target, the budget k, the targets' weight count): k is LoRA's count at
+    ``method.lora_rank`` on the same targets, or ``method.density`` of their weights."""
+    shapes = {name: tuple(m.weight.shape) for name, m in targets.items()}
+    k = lora_param_count(shapes, spec.lora_rank) if spec.lora_rank else budget_from_density(shapes, spec.density)
+    total = sum(a * b for a, b in shapes.values())
+    if k > total:  # only LoRA's rank can overshoot: density ≤ 1 is checked by the schema
+        raise ConfigError(f"method.lora_rank={spec.lora_rank} asks for {k:,} trainable entries, more than the "
+                          f"{total:,} weights of the {len(shapes)} target linears of model={model_name}")
+    return shapes, k, total
+
+
+def budget_rule(spec: SpeftSchema) -> str:
+    return f"lora_rank={spec.lora_rank}" if spec.lora_rank else f"density={spec.density}"
+
+
 @METHODS.register("speft")
 class SPEFT(Method):
     uses_masking = True
@@ -61,12 +77,7 @@ class SPEFT(Method):
     def prepare(self, model: nn.Module, ctx: MethodContext) -> Prepared:
         spec, masking, metric = ctx.typed["method"], ctx.typed["masking"], ctx.typed["metric"]
         targets = targets_for(model, ctx.typed["model"], spec.targets)
-        shapes = {name: tuple(m.weight.shape) for name, m in targets.items()}
-        k = lora_param_count(shapes, spec.lora_rank) if spec.lora_rank else budget_from_density(shapes, spec.density)
-        total = sum(a * b for a, b in shapes.values())
-        if k > total:  # only LoRA's rank can overshoot: density ≤ 1 is checked by the schema
-            raise ConfigError(f"method.lora_rank={spec.lora_rank} asks for {k:,} trainable entries, more than the "
-                              f"{total:,} weights of the {len(shapes)} target linears of model={ctx.typed['model'].name}")
+        shapes, k, total = budget(targets, spec, ctx.typed["model"].name)
         options = {key: value for key, value in vars(metric).items() if key != "name"}
 
         def choose(round_: int) -> tuple[dict[str, Any], dict[str, float]]:
@@ -89,7 +100,7 @@ class SPEFT(Method):
             "budget": k, "target_weights": total, "density": k / total, "target_modules": len(layers),
             "value_grad": {"mode": spec.value_grad,
                            **value_grad_counts(layers, precision.compute_dtype(ctx.typed["train"]))},
-            "budget_rule": f"lora_rank={spec.lora_rank}" if spec.lora_rank else f"density={spec.density}",
+            "budget_rule": budget_rule(spec),
             "salience": {"metric": metric.name, **options}, "calibration": cost, "mask_sha256": mask_digest(indices),
             "density_per_layer": density_per_layer(indices, shapes), "refreshes": [],
         }

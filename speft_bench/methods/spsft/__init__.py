@@ -83,7 +83,6 @@ class SPSFT(Method):
         batches = []
         if IMPORTANCE[metric.name].needs_data:
             batches = ctx.calibration_batches(0, spec.calibration_examples, spec.calibration_batch_size)
-        if IMPORTANCE[metric.name].needs_data:
             options["calibration_micro_batch"] = spec.calibration_micro_batch
         scores = neuron_importance(metric.name, model, {n: m.weight for n, m in targets.items()}, batches, **options)
         rows = {name: top_rows(scores[name], budget[name]) for name in targets}
