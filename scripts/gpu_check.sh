@@ -23,7 +23,9 @@ timeout 300 python -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py --j
 tests_rc=$?
 bench_rc=skipped
 if [ -f scripts/bench_paper_shape.py ]; then
-  timeout $((520 - ($(date +%s) - start))) python scripts/bench_paper_shape.py --out "$OUT/paper_shape.json" \
+  timeout $((520 - ($(date +%s) - start))) python scripts/bench_paper_shape.py --layers 32 --precisions fp32 bf16 \
+    --variants floor lora lora_dropout0.1 speft_sampled speft_dense spsft fa_spsft --steps 2 --device cuda \
+    --out "$OUT/paper_shape.json" \
     > "$OUT/paper_shape.log" 2>&1
   bench_rc=$?
 fi

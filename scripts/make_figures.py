@@ -94,6 +94,28 @@ def bench_figure(name: str, data: dict, out: Path) -> None:
     save(fig, out / f"bench_{name}.png")
 
 
+def paper_shape_figure(name: str, data: dict, out: Path) -> None:
+    """Training memory (mem_TTL − mem_M) per method and depth, split into the tensors it holds."""
+    rows = [r for r in data["rows"] if "error" not in r]
+    labels = [f"{r['model']} {r['precision']} N={r['layers']}: {r['variant']}" for r in rows]
+    parts = {"saved activations": "saved_activations_mb", "gradients": "gradients_mb",
+             "AdamW state": "optimizer_state_mb"}
+    fig, ax = plt.subplots(figsize=(10, 0.35 * len(rows) + 2))
+    y, left = np.arange(len(rows)), np.zeros(len(rows))
+    for label, key in parts.items():
+        widths = np.array([r[key] / 1024 for r in rows])
+        ax.barh(y, widths, left=left, label=label)
+        left += widths
+    ax.scatter([r["mem_mb"] / 1024 for r in rows], y, marker="|", color="black", s=150, zorder=3,
+               label="mem = mem_TTL − mem_M (measured peak)")
+    ax.set_yticks(y, labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("GB")
+    ax.legend(fontsize=7)
+    ax.set_title(f"{name}: {data['machine']}", fontsize=9)
+    save(fig, out / f"bench_{name}.png")
+
+
 def table_figure(path: Path, out: Path) -> None:
     cells = pd.read_csv(path)
     methods, columns = list(dict.fromkeys(cells["row"])), list(dict.fromkeys(cells["column"]))
@@ -125,8 +147,11 @@ def main() -> None:
         print(f"skipped salience figures: no {salience} (run `python scripts/bench.py salience`)")
     for path in sorted(args.bench.glob("*.json")):
         data = json.loads(path.read_text())
-        if data.get("rows") and "step_s" in data["rows"][0]:  # `bench.py steps` outputs; kernels etc. are tables
+        rows = data.get("rows") or [{}]
+        if "train_mb" in rows[0]:  # `bench.py steps` outputs; kernels etc. are tables
             bench_figure(path.stem, data, args.out)
+        elif "mem_TTL_mb" in rows[0]:  # scripts/bench_paper_shape.py
+            paper_shape_figure(path.stem, data, args.out)
     for path in sorted(args.tables.glob("*.csv")):
         table_figure(path, args.out)
     print(f"figures in {args.out}")

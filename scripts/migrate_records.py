@@ -54,6 +54,14 @@ MIGRATIONS = [
      # paper's `all`) and kept their interval; elsewhere masking.interval was never read
      "added": {"masking.optimizer_reset": lambda config: "values" if _dynamic(config) else "all"},
      "kept": {"masking.interval": _dynamic}},
+    {"name": "paper formulas vs the authors' code: metric.variant, masking.local_split, method.calibration_mode",
+     # committed runs computed the paper's formulas (grasp, synflow and fisher records: the only ones
+     # whose config has metric.variant), split local budgets in proportion to layer size, and ran
+     # salience / importance in eval mode (speft and spsft records)
+     "added": {"metric.variant": "paper", "masking.local_split": "proportional", "method.calibration_mode": "eval"}},
+    {"name": "checkpoints inside a run: train.checkpoint_every",
+     # committed runs saved no periodic checkpoint (null); a checkpoint never changes a run's numbers
+     "added": {"train.checkpoint_every": None}},
 ]
 
 

@@ -1,9 +1,12 @@
-"""Adapter files shared by the sparse tuners (SPEFT, SPSFT): reading, writing and the generic checks.
+"""Adapter files of speft-bench's own tuners (SPEFT, SPSFT, head-only): reading, writing and the generic checks.
 
-An adapter is a safetensors file of per-layer tensors, ``<layer name>.<part>``, with string metadata:
-one JSON-encoded value per key plus a ``format`` marker that names the method and version.  Each
-method's ``load_adapter`` reads it with :func:`read_adapter`, checks every layer against the model
-with the helpers below, and only then changes the model, so a bad file never half-applies.
+An adapter is a safetensors file of per-layer tensors, ``<layer name>.<part>``, plus *dense* tensors,
+``dense/<parameter name>``: every parameter outside the tuner's layers that the run trained or
+initialised itself (the task head, which no base checkpoint has; SPSFT's trained norms), so that the
+file on the base model is the trained model.  String metadata: one JSON-encoded value per key plus a
+``format`` marker that names the method and version.  Each method's ``load_adapter`` reads it with
+:func:`read_adapter`, checks every tensor against the model with the helpers below, and only then
+changes the model, so a bad file never half-applies.
 """
 
 from __future__ import annotations
@@ -18,6 +21,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 import torch
 from torch import Tensor, nn
+
+
+FILE = "adapter.safetensors"  # the adapter's name in a run folder
+DENSE = "dense/"  # key prefix of the dense tensors: "/" never occurs in a module name
 
 
 class AdapterError(ValueError):
@@ -88,16 +95,35 @@ def base_linear(model: nn.Module, name: str, wrapper: type[nn.Module], where: st
     return module
 
 
-def write_adapter(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, Any], fmt: str) -> None:
-    """Save ``tensors`` with ``metadata`` (each value JSON-encoded) under the format marker ``fmt``."""
+def dense_tensors(model: nn.Module, tuner: type[nn.Module] | None) -> dict[str, Tensor]:
+    """The parameters an adapter must carry besides the ``tuner`` layers' own: the task head (trained, or
+    as the run initialised it) and every other trainable parameter, in their dtypes (fp32 masters)."""
+    from speft_bench.models import head_parameters
+
+    own = set() if tuner is None else {id(p) for m in modules_of_type(model, tuner).values() for p in m.parameters()}
+    head = head_parameters(model)
+    return {name: p.detach() for name, p in model.named_parameters()
+            if id(p) not in own and (p.requires_grad or name in head)}
+
+
+def numel_of(tensors: dict[str, Tensor]) -> int:
+    return sum(t.numel() for t in tensors.values())
+
+
+def write_adapter(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, Any], fmt: str,
+                  dense: dict[str, Tensor]) -> None:
+    """Save the layers' ``tensors`` and the ``dense`` ones with ``metadata`` (each value JSON-encoded) under ``fmt``."""
     if "format" in metadata:
         raise ValueError("save_adapter: metadata key 'format' is reserved for the file format")
     header = {key: json.dumps(value) for key, value in metadata.items()} | {"format": fmt}
-    save_file(tensors, str(path), metadata=header)
+    everything = tensors | {DENSE + name: t.contiguous() for name, t in dense.items()}
+    save_file(everything, str(path), metadata=header)
 
 
-def read_adapter(path: str | Path, fmt: str, description: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """Decoded metadata and all tensors of an adapter file in format ``fmt``, or ``AdapterError``.
+def read_adapter(path: str | Path, fmt: str, description: str
+                 ) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, Tensor]]:
+    """Decoded metadata, the layers' tensors and the dense tensors of an adapter file in format ``fmt``,
+    or ``AdapterError``.
 
     ``description`` names the expected kind of file in the error for a foreign one
     ("not a speft sparse-delta adapter").
@@ -117,7 +143,32 @@ def read_adapter(path: str | Path, fmt: str, description: str) -> tuple[dict[str
         metadata = {key: json.loads(value) for key, value in header.items() if key != "format"}
     except json.JSONDecodeError as err:
         raise AdapterError(f"{path}: metadata is not JSON-encoded ({err})") from None
-    return metadata, tensors
+    dense = {key.removeprefix(DENSE): tensors.pop(key) for key in list(tensors) if key.startswith(DENSE)}
+    return metadata, tensors, dense
+
+
+def checked_dense(path: str | Path, model: nn.Module, dense: dict[str, Tensor]) -> dict[nn.Parameter, Tensor]:
+    """``{parameter: tensor}`` for the dense tensors, after checking each names a parameter of ``model`` of
+    its shape and holds finite floats; ``AdapterError`` otherwise."""
+    params = dict(model.named_parameters())
+    checked = {}
+    for name, tensor in dense.items():
+        where = f"{path}: dense tensor {name!r}"
+        if name not in params:
+            raise AdapterError(f"{where} is not a parameter of the model")
+        if tensor.shape != params[name].shape:
+            raise AdapterError(f"{where} has shape {tuple(tensor.shape)}, the parameter {tuple(params[name].shape)}")
+        if not tensor.dtype.is_floating_point or not torch.isfinite(tensor).all():
+            raise AdapterError(f"{where} must hold finite floating-point values")
+        checked[params[name]] = tensor
+    return checked
+
+
+@torch.no_grad()
+def apply_dense(checked: dict[nn.Parameter, Tensor]) -> None:
+    """Give each parameter its tensor, in the file's dtype (the trained one: an fp32 master stays fp32)."""
+    for param, tensor in checked.items():
+        param.data = tensor.to(param.device)
 
 
 def check_origin(path: str | Path, metadata: dict[str, Any], model_id: str | None, targets: list[str] | None) -> None:
@@ -128,19 +179,23 @@ def check_origin(path: str | Path, metadata: dict[str, Any], model_id: str | Non
         raise AdapterError(f"{path}: adapter targets {metadata.get('targets')!r}, expected {list(targets)!r}")
 
 
-def layer_names(path: str | Path, tensors: dict[str, Tensor], parts: Sequence[str]) -> list[str]:
-    """Sorted layer names of the file; each layer must have exactly one tensor per suffix in ``parts``."""
+def layer_names(path: str | Path, tensors: dict[str, Tensor], parts: Sequence[str],
+                optional: Sequence[str] = ()) -> list[str]:
+    """Sorted layer names of the file; each layer must have exactly one tensor per suffix in ``parts``,
+    and the ``optional`` suffixes all or none."""
     names = {key.rsplit(".", 1)[0] for key in tensors}
     if not names:
         raise AdapterError(f"{path}: adapter holds no layers")
     for key in tensors:
-        if not key.endswith(tuple(parts)):
+        if not key.endswith((*parts, *optional)):
             expected = " and ".join(f"'<layer>{part}'" for part in parts)
             raise AdapterError(f"{path}: unexpected tensor {key!r} (expected {expected})")
     for name in sorted(names):
         for part in parts:
             if name + part not in tensors:
                 raise AdapterError(f"{path}: layer {name!r} has no {part[1:]} tensor")
+        if 0 < sum(name + part in tensors for part in optional) < len(optional):
+            raise AdapterError(f"{path}: layer {name!r} must have all of {', '.join(optional)} or none")
     return sorted(names)
 
 

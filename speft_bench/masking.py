@@ -74,19 +74,43 @@ def local_budgets(shapes: Shapes, k: int) -> dict[str, int]:
     return budgets
 
 
+def equal_budgets(shapes: Shapes, k: int) -> dict[str, int]:
+    """k / n to each of the n layers, whatever their size (the authors' code with an integer k): ⌊k/n⌋
+    each and one more to each of the first k mod n layers, so the shares sum to k exactly.
+
+    ValueError, naming ``masking.local_split``, when a layer has fewer weights than its share.
+    """
+    base, extra = divmod(k, len(shapes))
+    budgets = {name: base + (i < extra) for i, name in enumerate(shapes)}
+    small = [f"{name} ({a * b:,})" for name, (a, b) in shapes.items() if budgets[name] > a * b]
+    if small:
+        raise ValueError(f"masking.local_split=equal gives each of the {len(shapes)} layers {base:,}+ of the k={k:,} "
+                         f"entries, more than the weights of {', '.join(small)}; use masking.local_split=proportional "
+                         f"or a smaller budget")
+    return budgets
+
+
+LOCAL_SPLITS = {"proportional": local_budgets, "equal": equal_budgets}  # masking.local_split -> shares of k
+
+
 def top_k_global(scores: dict[str, Tensor], k: int) -> Mask:
     """One ranking over all target weights."""
     return top_k(scores, k)
 
 
-def top_k_local(scores: dict[str, Tensor], k: int) -> Mask:
-    """Each layer ranks its own weights and keeps its size-proportional share of k."""
-    budgets = local_budgets({n: tuple(s.shape) for n, s in scores.items()}, k)
+def top_k_local(scores: dict[str, Tensor], k: int, split: str = "proportional") -> Mask:
+    """Each layer ranks its own weights and keeps its share of k (``split``: ``LOCAL_SPLITS``)."""
+    budgets = LOCAL_SPLITS[split]({n: tuple(s.shape) for n, s in scores.items()}, k)
     return {name: top_k({name: s}, budgets[name])[name] if budgets[name] else torch.empty(0, dtype=torch.int64)
             for name, s in scores.items()}
 
 
 SELECTORS = {"global": top_k_global, "local": top_k_local}  # masking.scope -> selector
+
+
+def select_mask(scores: dict[str, Tensor], k: int, scope: str, local_split: str = "proportional") -> Mask:
+    """The mask of ``masking.scope`` (a local one shares k as ``masking.local_split`` says)."""
+    return top_k_local(scores, k, local_split) if scope == "local" else top_k_global(scores, k)
 
 
 def density_per_layer(mask: Mask, shapes: Shapes) -> dict[str, float]:

@@ -12,11 +12,13 @@ import platform
 import subprocess
 import tempfile
 from importlib.metadata import PackageNotFoundError, version
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from speft_bench import cluster
 from speft_bench.schemas import PROJECT_ROOT
 
 RECORD_NAME = "record.json"
@@ -39,20 +41,26 @@ def config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def find_completed(root: Path, config_hash: str) -> Path | None:
-    """A completed record with this config hash anywhere under ``root``, or None.
+def completed_records(root: Path) -> dict[str, Path]:
+    """Config hash → the first (sorted) completed record of it anywhere under ``root``.
 
     Records are written atomically, so every ``record.json`` found is whole; one that does not parse
     was not written by us and is ignored.
     """
+    found: dict[str, Path] = {}
     for path in sorted(Path(root).rglob(RECORD_NAME)):
         try:
             record = read_record(path)
         except (OSError, ValueError):
             continue
-        if record.get("config_hash") == config_hash and record.get("status") == "completed":
-            return path
-    return None
+        if record.get("status") == "completed" and isinstance(record.get("config_hash"), str):
+            found.setdefault(record["config_hash"], path)
+    return found
+
+
+def find_completed(root: Path, config_hash: str) -> Path | None:
+    """A completed record with this config hash anywhere under ``root``, or None."""
+    return completed_records(root).get(config_hash)
 
 
 def git_state(root: Path = PROJECT_ROOT) -> dict[str, Any]:
@@ -87,23 +95,30 @@ def environment() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.is_available(),
+        "slurm": cluster.slurm_environment(),  # job id, array task, node, allocated CPUs/GPUs; null outside SLURM
         "packages": package_versions(),
         "git": git_state(),
     }
 
 
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+def write_atomic(path: Path, write: Callable[[Any], None], binary: bool = False) -> None:
+    """``write(file)`` into a temp file beside ``path``, fsync, rename over ``path``: a reader (or a run
+    killed mid-write) sees the old file or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=False, default=str)
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    write_atomic(path, lambda f: json.dump(data, f, indent=2, sort_keys=False, default=str))
 
 
 def read_record(path: Path) -> dict[str, Any]:

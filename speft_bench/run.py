@@ -12,7 +12,7 @@ import math
 import random
 import resource
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,9 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Subset
 from transformers import get_linear_schedule_with_warmup
 
-from speft_bench import precision, records
+from speft_bench import cluster, precision, records
 from speft_bench.batches import loss_terms, to_device, weighted_pieces
+from speft_bench.checkpoints import Checkpoints, Position, latest, set_rng_state
 from speft_bench.device import device_record, reset_peak_memory, resolve_device
 from speft_bench.errors import NonFiniteError
 from speft_bench.loggers import RunLogger
@@ -34,7 +35,8 @@ from speft_bench.schemas import ConfigError, TrainSchema, validate
 from speft_bench.tasks import TASK_KINDS
 
 log = logging.getLogger(__name__)
-ADAPTER_NAME = "adapter.safetensors"
+# How a record's adapter becomes the trained model again (speft_bench/export.py).
+RELOAD = "speft_bench.export.load_trained(run_dir); python -m speft_bench.export RUN_DIR --evaluate | --merged OUT"
 
 
 def seed_everything(spec: TrainSchema) -> dict[str, Any]:
@@ -42,8 +44,8 @@ def seed_everything(spec: TrainSchema) -> dict[str, Any]:
     random.seed(spec.seed)
     np.random.seed(spec.seed)
     torch.manual_seed(spec.seed)
-    if spec.num_threads is not None:
-        torch.set_num_threads(spec.num_threads)
+    if (threads := cluster.default_threads(spec.num_threads)) is not None:  # null: SLURM's CPUs, else torch's default
+        torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(spec.deterministic)
     return {"seed": spec.seed, "deterministic": spec.deterministic, "torch_threads": torch.get_num_threads()}
 
@@ -107,41 +109,81 @@ def enable_gradient_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def train(model, loader: DataLoader, spec: TrainSchema, on_step, logger: RunLogger,
-          device: torch.device) -> dict[str, Any]:
-    """AdamW + linear warmup/decay over the trainable parameters; returns the loss curve."""
+def train(model, loader: DataLoader, spec: TrainSchema, on_step, logger: RunLogger, device: torch.device,
+          checkpoints: Checkpoints | None = None) -> dict[str, Any]:
+    """AdamW + linear warmup/decay over the trainable parameters; returns the loss curve.
+
+    With ``checkpoints``: resumes from its checkpoint, saves one when due, and stops after the step a
+    stop signal arrived in (the result then has ``interrupted``).
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:  # method=pretrained: nothing to train, the loaded model is evaluated as is
         return {"steps": 0, "epochs": 0.0, "loss_curve": []}
     total = spec.max_steps or math.ceil(spec.epochs * len(loader))
     optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(spec.warmup_ratio * total), total)
-    curve, window, step = [], [], 0
+    resumed = checkpoints and checkpoints.resume(model, optimizer, scheduler, on_step, len(loader), total)
+    at = resumed[0] if resumed else Position()  # step, loss curve, logging window, place in the data order
+    result = {"resumed_from": at.step, "resumed_checkpoint": str(checkpoints.resume_from)} if resumed else \
+        {"resumed_from": None}
     model.train()
-    with progress(total=total, desc="train") as bar:
-        while step < total:
-            for batch in loader:
+    with (checkpoints.signals if checkpoints else nullcontext(),  # stop signals: noted, acted on after the step
+          progress(total=total, initial=at.step, desc="train") as bar):
+        while at.step < total:
+            if resumed:  # the epoch it stopped in: the same shuffle, then past the batches already trained on
+                loader.generator.set_state(at.epoch_start)
+            else:
+                at.epoch_start, at.batches_done = loader.generator.get_state(), 0
+            batches = iter(loader)
+            for _ in range(at.batches_done):
+                next(batches)
+            if resumed:  # dropout and the rest draw on from where they were
+                set_rng_state(resumed[1])
+                resumed = None
+            for batch in batches:
                 if on_step is not None:  # a mask refresh's salience forward meets the fp32 head, as training's does
                     with precision.autocast(spec, device):
-                        on_step(step, optimizer)
-                loss = forward_backward(model, batch, step, spec, device)
+                        on_step(at.step, optimizer)
+                loss = forward_backward(model, batch, at.step, spec, device)
                 if spec.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                step += 1
-                window.append(loss)
-                if step % spec.log_every == 0 or step == total:
-                    point = {"step": step, "loss": sum(window) / len(window), "lr": scheduler.get_last_lr()[0]}
-                    curve.append(point)
-                    logger.log({"train/loss": point["loss"], "train/lr": point["lr"]}, step)
+                at.step += 1
+                at.batches_done += 1
+                at.window.append(loss)
+                if at.step % spec.log_every == 0 or at.step == total:
+                    point = {"step": at.step, "loss": sum(at.window) / len(at.window), "lr": scheduler.get_last_lr()[0]}
+                    at.loss_curve.append(point)
+                    logger.log({"train/loss": point["loss"], "train/lr": point["lr"]}, at.step)
                     bar.set_postfix(loss=f"{point['loss']:.4f}")
-                    window = []
+                    at.window = []
                 bar.update()
-                if step >= total:
+                if checkpoints and checkpoints.due(at.step, total):
+                    checkpoints.save(model, optimizer, scheduler, on_step, at, len(loader), total)
+                    if checkpoints.stopped:  # the run ends here; a rerun of its config resumes
+                        return result | {"steps": at.step, "epochs": at.step / len(loader), "loss_curve": at.loss_curve,
+                                         "interrupted": checkpoints.interruption(at.step, total)}
+                if at.step >= total:
                     break
-    return {"steps": total, "epochs": total / len(loader), "loss_curve": curve}
+        if resumed:  # resumed after the last step: evaluation draws on from where the run was
+            set_rng_state(resumed[1])
+    return {"steps": total, "epochs": total / len(loader), "loss_curve": at.loss_curve} | result
+
+
+def load_base(typed: dict[str, Any], device: torch.device):
+    """``(task kind, model source, tokenizer, training data, base model on device)`` of a validated config.
+
+    Cheap checks first: a missing model folder or data file fails before the weights load.
+    """
+    spec_model, spec_train = typed["model"], typed["train"]
+    kind = TASK_KINDS[typed["task"].kind.name](typed["task"], typed["paths"])
+    source = resolve_pretrained(spec_model, typed["paths"].cache_dir)
+    tokenizer = load_tokenizer(source, spec_model)
+    data = kind.load_data(tokenizer)
+    model = kind.load_model(spec_model, source, tokenizer, precision.body_dtype(spec_train.precision)).to(device)
+    return kind, source, tokenizer, data, model
 
 
 def run(cfg: DictConfig, run_dir: Path, command: str | None = None) -> dict[str, Any]:
@@ -150,20 +192,19 @@ def run(cfg: DictConfig, run_dir: Path, command: str | None = None) -> dict[str,
     ``command`` is the command line that produced the run, stored so results can be re-made.
     """
     typed = validate(cfg)  # before anything heavy: a bad value fails in milliseconds
-    spec_model, spec_task, spec_train, paths = typed["model"], typed["task"], typed["train"], typed["paths"]
+    spec_model, spec_train = typed["model"], typed["train"]
     config = records.resolved_config(cfg)
     record: dict[str, Any] = {"status": "running", "command": command, "run_dir": str(run_dir),
                               "config_hash": records.config_hash(config), "config": config}
     timer = PhaseTimer()
+    output_dir = Path(typed["paths"].output_dir)  # a checkpoint of this config there (a stopped run's): go on from it
+    checkpoints = Checkpoints(run_dir, record["config_hash"], spec_train.checkpoint_every,
+                              latest(output_dir, record["config_hash"]) if cfg.resume else None)
     device = resolve_device(spec_train.device)  # a missing GPU fails here, before anything loads
     record["determinism"] = seed_everything(spec_train)
 
-    kind = TASK_KINDS[spec_task.kind.name](spec_task, paths)
-    with timer("load"):  # cheap checks first: a missing model folder or data file fails before the weights load
-        source = resolve_pretrained(spec_model, paths.cache_dir)
-        tokenizer = load_tokenizer(source, spec_model)
-        data = kind.load_data(tokenizer)
-        model = kind.load_model(spec_model, source, tokenizer, precision.body_dtype(spec_train.precision)).to(device)
+    with timer("load"):
+        kind, source, tokenizer, data, model = load_base(typed, device)
     reset_peak_memory(device)  # peak device memory from here on: the method, training and evaluation
     record["model"] = {"name": spec_model.name, "label": spec_model.label, "source": source}
     record["data"] = data.record
@@ -183,15 +224,17 @@ def run(cfg: DictConfig, run_dir: Path, command: str | None = None) -> dict[str,
         loader = DataLoader(data.train, batch_size=spec_train.batch_size, shuffle=True, collate_fn=data.collate,
                             generator=torch.Generator().manual_seed(spec_train.seed))
         with timer("train"):
-            record["train"] = train(model, loader, spec_train, prepared.on_step, logger, device)
-        with timer("evaluate"), precision.autocast(spec_train, device):
-            record |= kind.evaluate(model, tokenizer, spec_train)  # metrics (+ main metric, baselines, lm-eval output)
-        if prepared.save is not None:  # git-ignored: records are committed, weights never
-            run_dir.mkdir(parents=True, exist_ok=True)
-            prepared.save(run_dir / ADAPTER_NAME)
-            record["adapter"] = ADAPTER_NAME
-        logger.log({f"dev/{k}": v for k, v in record["metrics"].items()}, record["train"]["steps"])
-        record["status"] = "completed"
+            record["train"] = train(model, loader, spec_train, prepared.on_step, logger, device, checkpoints)
+        if checkpoints.stopped:  # a stop signal: checkpointed after the step; a rerun of this config resumes
+            record |= {"status": "interrupted", "interrupted": record["train"].pop("interrupted")}
+        else:
+            with timer("evaluate"), precision.autocast(spec_train, device):
+                record |= kind.evaluate(model, tokenizer, spec_train)  # metrics (+ main metric, baselines, lm-eval)
+            if prepared.save is not None:  # git-ignored: records are committed, weights never
+                run_dir.mkdir(parents=True, exist_ok=True)
+                record["adapter"] = prepared.save(run_dir) | {"reload": RELOAD}
+            logger.log({f"dev/{k}": v for k, v in record["metrics"].items()}, record["train"]["steps"])
+            record["status"] = "completed"
     except NonFiniteError as err:
         log.error("stopping: %s", err)
         record |= {"status": "failed", "failure": {"reason": str(err), "tensor": err.tensor, "step": err.step}}
@@ -202,4 +245,10 @@ def run(cfg: DictConfig, run_dir: Path, command: str | None = None) -> dict[str,
     record["device"] = device_record(device)
     record["environment"] = records.environment()
     records.write_json_atomic(run_dir / records.RECORD_NAME, record)
+    if record["status"] == "completed":  # the record and the adapter are the result now
+        checkpoints.remove_all(output_dir)
+    elif record["status"] == "interrupted":
+        log.warning("interrupted by %s after step %d; rerun the same config to resume from %s",
+                    record["interrupted"]["signal"], record["interrupted"]["step"], record["interrupted"]["checkpoint"])
+        checkpoints.signals.pass_on()  # default: the process ends by the signal; submitit's handler: requeue
     return record

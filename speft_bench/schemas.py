@@ -50,6 +50,9 @@ class ModelInit(Enum):
 # train.precision: the dtype of the frozen body and how the forward runs (speft_bench/precision.py).
 PRECISIONS = ("fp32", "bf16", "bf16-mixed")
 VALUE_GRADS = ("auto", "sampled", "dense")  # SPEFT's value-gradient kernel (methods/speft/layer.py)
+# method.calibration_mode: the mode salience / importance runs the model in (salience.calibration_mode).
+# eval: dropout off (the harness's choice); train: dropout on (the authors' code does not show theirs).
+CALIBRATION_MODES = ("eval", "train")
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
@@ -230,6 +233,8 @@ def _check_calibration(spec) -> None:
     _positive("method.calibration_examples", spec.calibration_examples)
     _positive("method.calibration_batch_size", spec.calibration_batch_size)
     _positive("method.calibration_micro_batch", spec.calibration_micro_batch, allow_none=True)
+    _check(spec.calibration_mode in CALIBRATION_MODES,
+           f"method.calibration_mode must be one of {list(CALIBRATION_MODES)}, got {spec.calibration_mode!r}")
 
 
 @dataclass
@@ -241,6 +246,7 @@ class SpeftSchema(MethodSchema):
     calibration_batch_size: int = 16
     calibration_micro_batch: Optional[int] = None  # examples per forward/backward of salience; null: the whole batch
     salience_offload: bool = False  # accumulate salience scores on the CPU (frees W of device memory)
+    calibration_mode: str = "eval"  # eval: dropout off while salience runs the model; train: dropout on
     value_grad: str = "auto"  # auto: the cost model's cheaper kernel per layer; sampled | dense: forced
 
     def __post_init__(self) -> None:
@@ -261,6 +267,7 @@ class SpsftSchema(MethodSchema):
     calibration_examples: int = 1024  # for data-driven importance (taylor, qm_taylor)
     calibration_batch_size: int = 16
     calibration_micro_batch: Optional[int] = None  # examples per forward/backward of importance; null: the whole batch
+    calibration_mode: str = "eval"  # eval: dropout off while importance runs the model; train: dropout on
 
     def __post_init__(self) -> None:
         _check_calibration(self)
@@ -276,12 +283,32 @@ class MetricSchema:
     name: str = "none"
 
 
+# metric.variant of grasp, synflow and fisher: paper: the SPEFT paper's written formula; reference: what
+# the authors' code (0-ml/speft, model/sparse_peft.py) computes, which produced the published numbers.
+METRIC_VARIANTS = ("paper", "reference")
+
+
 @dataclass
-class FisherSchema(MetricSchema):
+class VariantMetricSchema(MetricSchema):
+    """A metric whose paper formula and the authors' code differ (README: "Paper formulas vs the authors' code")."""
+
+    variant: str = "paper"
+
+    def __post_init__(self) -> None:
+        _check(self.variant in METRIC_VARIANTS,
+               f"metric.variant must be one of {list(METRIC_VARIANTS)}, got {self.variant!r}")
+
+
+@dataclass
+class FisherSchema(VariantMetricSchema):
     micro_batch: int = 1  # 1: exact per-example gradients; larger: faster, approximate
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _positive("metric.micro_batch", self.micro_batch)
+        _check(self.variant == "paper" or self.micro_batch == 1,
+               f"metric.micro_batch={self.micro_batch} with metric.variant=reference: the authors' code takes one "
+               f"example per gradient (leave metric.micro_batch at 1)")
 
 
 @dataclass
@@ -295,6 +322,8 @@ class QmTaylorSchema(MetricSchema):
 # masking.optimizer_reset: whose optimizer state a dynamic-mask refresh drops (methods/speft/__init__.py)
 OPTIMIZER_RESETS = ("all", "values")
 _DYNAMIC_ONLY = ("interval", "optimizer_reset")  # knobs read only by a dynamic mask's refresh
+# masking.local_split: how a local mask shares k among the layers (masking.py)
+LOCAL_SPLITS = ("proportional", "equal")
 
 
 @dataclass
@@ -304,12 +333,17 @@ class MaskingSchema:
     dynamic: bool = False
     interval: int = 1000  # steps between mask refreshes when dynamic (paper: I = 1000)
     optimizer_reset: str = "all"  # at a refresh: all: every parameter's state, as the paper (§3.4); values: the sparse values' only
+    # local masks: proportional: each layer's share of k ∝ its size; equal: k / (number of layers) each,
+    # as the authors' code does with an integer k
+    local_split: str = "proportional"
 
     def __post_init__(self) -> None:
         _check(self.scope in ("global", "local"), f"masking.scope must be one of ['global', 'local'], got {self.scope!r}")
         _positive("masking.interval", self.interval)
         _check(self.optimizer_reset in OPTIMIZER_RESETS,
                f"masking.optimizer_reset must be one of {list(OPTIMIZER_RESETS)}, got {self.optimizer_reset!r}")
+        _check(self.local_split in LOCAL_SPLITS,
+               f"masking.local_split must be one of {list(LOCAL_SPLITS)}, got {self.local_split!r}")
         implied = f"{'dynamic' if self.dynamic else 'static'}_{self.scope}"
         _check(self.name == implied, f"masking.scope={self.scope} and masking.dynamic={str(self.dynamic).lower()} "
                                      f"contradict masking={self.name}; choose masking={implied} instead")
@@ -318,6 +352,10 @@ class MaskingSchema:
                 default = MASKING_DEFAULTS[knob]
                 _check(getattr(self, knob) == default, f"masking.{knob}={getattr(self, knob)} is read only by dynamic "
                                                        f"masks; masking={self.name} is static (leave it at {default})")
+        default = MASKING_DEFAULTS["local_split"]  # a global mask has no per-layer shares: the knob would be ignored
+        _check(self.scope == "local" or self.local_split == default,
+               f"masking.local_split={self.local_split} is read only by local masks; masking={self.name} is global "
+               f"(leave it at {default})")
 
 
 # Defaults of every masking knob but the name: what a method that does not use masking must leave.
@@ -345,6 +383,7 @@ class TrainSchema:
     precision: str = "fp32"  # fp32 | bf16 (frozen body in bf16) | bf16-mixed (fp32 weights, bf16 autocast)
     master_fp32: bool = True  # trainable tensors kept in fp32 whatever the precision (false: the body's dtype)
     gradient_checkpointing: bool = False  # recompute block activations in backward (non-reentrant)
+    checkpoint_every: Optional[int] = None  # optimizer steps between resumable checkpoints (null: only on a stop signal)
 
     def __post_init__(self) -> None:
         _check(_DEVICE.fullmatch(self.device) is not None,
@@ -366,6 +405,7 @@ class TrainSchema:
         _check(self.seed >= 0, f"train.seed must be >= 0, got {self.seed}")
         _positive("train.log_every", self.log_every)
         _positive("train.num_threads", self.num_threads, allow_none=True)
+        _positive("train.checkpoint_every", self.checkpoint_every, allow_none=True)
 
 
 @dataclass
@@ -387,7 +427,8 @@ _SCHEMAS: dict[str, dict[str, Any]] = {
     "model": {"model": ModelSchema},
     "task": {"glue": TaskSchema, "instruct": InstructTaskSchema},
     "method": {"method": MethodSchema, "lora": LoraSchema, "speft": SpeftSchema, "spsft": SpsftSchema},
-    "metric": {"metric": MetricSchema, "fisher": FisherSchema, "qm_taylor": QmTaylorSchema},
+    "metric": {"metric": MetricSchema, "grasp": VariantMetricSchema, "synflow": VariantMetricSchema,
+               "fisher": FisherSchema, "qm_taylor": QmTaylorSchema},
     "masking": {"masking": MaskingSchema},
     "train": {"train": TrainSchema},
     "logger": {"logger": LoggerSchema},

@@ -181,8 +181,12 @@ def is_result(config: dict[str, Any], record: dict[str, Any]) -> bool:
 
 
 def summarise(records: list[dict[str, Any]], metric: str) -> dict[str, Any]:
-    """``{status, mean, std, n}`` of ``metric``×100 over seeds; a later record replaces an earlier one of its seed."""
-    runs = list({r["config"].get("train", {}).get("seed"): r for r in records}.values())
+    """``{status, mean, std, n}`` of ``metric``×100 over seeds; a later record replaces an earlier one of its seed.
+
+    An ``interrupted`` record (stopped by a signal after a checkpoint) is a run still to finish, not a result.
+    """
+    finished = (r for r in records if r.get("status") != "interrupted")
+    runs = list({r["config"].get("train", {}).get("seed"): r for r in finished}.values())
     if not runs:
         return {"status": "missing", "mean": math.nan, "std": math.nan, "n": 0}
     if any(r.get("status") != "completed" for r in runs):

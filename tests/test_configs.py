@@ -147,7 +147,51 @@ BAD_CONFIGS = [
      "masking.optimizer_reset=values is read only by dynamic masks"),
     (["method=speft", "metric=gradient", "masking=dynamic_global", "masking.optimizer_reset=none"], ConfigError,
      "masking.optimizer_reset must be one of ['all', 'values'], got 'none'"),
+    # paper formulas vs the authors' code: metric.variant, masking.local_split, method.calibration_mode
+    (["method=speft", "metric=grasp", "metric.variant=authors"], ConfigError,
+     "metric.variant must be one of ['paper', 'reference'], got 'authors'"),
+    (["method=speft", "metric=gradient", "metric.variant=reference"], ConfigCompositionException,
+     "Key 'variant' not in 'MetricSchema'"),  # only grasp, synflow and fisher have the knob
+    (["method=speft", "metric=fisher", "metric.variant=reference", "metric.micro_batch=4"], ConfigError,
+     "metric.micro_batch=4 with metric.variant=reference: the authors' code takes one example per gradient"),
+    (["method=speft", "metric=fisher", "metric.variant=reference", "task=stsb"], ConfigError,
+     "metric=fisher metric.variant=reference makes each label a token type"),
+    (["method=speft", "metric=gradient", "masking=static_local", "masking.local_split=half"], ConfigError,
+     "masking.local_split must be one of ['proportional', 'equal'], got 'half'"),
+    (["method=speft", "metric=gradient", "masking.local_split=equal"], ConfigError,
+     "masking.local_split=equal is read only by local masks; masking=static_global is global "
+     "(leave it at proportional)"),
+    (["method=speft", "metric=gradient", "masking=dynamic_global", "masking.local_split=equal"], ConfigError,
+     "masking.local_split=equal is read only by local masks"),
+    (["method=lora", "masking.local_split=equal"], ConfigError,
+     "masking.local_split=equal is read only by local masks"),
+    (["method=speft", "metric=gradient", "method.calibration_mode=dropout"], ConfigError,
+     "method.calibration_mode must be one of ['eval', 'train'], got 'dropout'"),
+    (["method=speft", "metric=magnitude", "method.calibration_mode=train"], ConfigError,
+     "metric=magnitude never runs the model, so method.calibration_mode=train would be ignored"),
+    (["method=spsft", "metric=l2", "method.calibration_mode=train"], ConfigError,
+     "metric=l2 is data-free, so method.calibration_mode=train would be ignored"),
+    (["method=lora", "method.calibration_mode=train"], ConfigCompositionException, "method.calibration_mode"),
 ]
+
+
+def test_new_knobs_validate_and_enter_the_config_hash():
+    from speft_bench.records import config_hash, resolved_config
+
+    def digest(*overrides):
+        cfg = compose_config("task=mrpc", "method=speft", *overrides)
+        validate(cfg)
+        return config_hash(resolved_config(cfg))
+
+    for metric in ("grasp", "synflow", "fisher"):
+        assert compose_config("task=mrpc", "method=speft", f"metric={metric}").metric.variant == "paper"
+        assert digest(f"metric={metric}") != digest(f"metric={metric}", "metric.variant=reference")
+    assert "variant" not in compose_config("task=mrpc", "method=speft", "metric=snip").metric  # unchanged records
+    assert digest("metric=gradient", "masking=static_local") != digest("metric=gradient", "masking=static_local",
+                                                                        "masking.local_split=equal")
+    assert digest("metric=gradient") != digest("metric=gradient", "method.calibration_mode=train")
+    assert validate(compose_config("task=mrpc", "method=spsft", "metric=taylor",
+                                   "method.calibration_mode=train"))["method"].calibration_mode == "train"
 
 
 def with_required(overrides: list[str]) -> list[str]:

@@ -66,3 +66,21 @@ def test_overlap_and_bad_budgets():
     assert mask_overlap(a, {"x": torch.tensor([2, 3, 4, 5])}) == 0.5 and mask_overlap(a, a) == 1.0
     with pytest.raises(ValueError, match=r"budget k=13 must be in \[1, 12\]"):
         top_k({"x": torch.ones(3, 4)}, 13)
+
+
+def test_equal_budgets_give_every_layer_k_over_n_and_sum_to_k():
+    from speft_bench.masking import equal_budgets
+
+    assert equal_budgets({"a": (2, 5), "b": (4, 5), "c": (5, 6)}, 7) == {"a": 3, "b": 2, "c": 2}  # 7 = 2·3 + 1
+    assert set(equal_budgets(MINILM, 331_776).values()) == {9_216}  # the authors' k / 36, exactly
+    with pytest.raises(ValueError, match=r"masking.local_split=equal gives each of the 2 layers 5\+ .* a \(2\)"):
+        equal_budgets({"a": (1, 2), "b": (10, 10)}, 10)
+
+
+def test_equal_local_selection_is_each_layers_own_top_share():
+    gen = torch.Generator().manual_seed(3)
+    scores = {"small": torch.randn(2, 5, generator=gen), "big": torch.randn(5, 6, generator=gen)}
+    mask = SELECTORS["local"](scores, 9, split="equal")  # 5 and 4, whatever the sizes
+    for name, share in [("small", 5), ("big", 4)]:
+        assert mask[name].tolist() == sorted(scores[name].reshape(-1).topk(share).indices.tolist())
+    assert SELECTORS["local"](scores, 9)["small"].numel() == 2  # proportional: 9 · 10/40 → 2

@@ -348,3 +348,165 @@ def test_peak_memory_stays_within_the_budget(metric):
     assert counter.peak >= w_bytes  # the probe sees the score buffers themselves
     assert counter.peak <= BUDGETS[metric] * w_bytes, f"{metric}: {counter.peak / w_bytes:.3f} × W"
     del scores
+
+
+# --- metric.variant=reference: the authors' code (0-ml/speft), each against its own definition ----------
+
+def test_grasp_reference_is_plus_the_next_sets_hessian_times_the_first_sets_gradient_at_temperature_200(setup):
+    from speft_bench.salience import calibration_sets
+
+    model, weights, batches, x, y = setup
+    model.eval()
+    shapes = {n: w.shape for n, w in weights.items()}
+    theta = torch.cat([w.detach().reshape(-1) for w in weights.values()])
+
+    def mean_loss(flat, xs, ys, temperature):
+        w1, w2 = flat[:20].view(shapes["fc1"]), flat[20:].view(shapes["fc2"])
+        h = torch.tanh(F.linear(xs, w1, model.fc1.bias.detach()))
+        return F.cross_entropy(F.linear(h, w2, model.fc2.bias.detach()) / temperature, ys)
+
+    # the calibration draw holds two sets: g on examples 0-4, H on the next ones, 5-9 (batch 4:8 is cut)
+    grad = torch.autograd.functional.jacobian(lambda t: mean_loss(t, x[:5], y[:5], 200.0), theta)
+    hessian = torch.autograd.functional.hessian(lambda t: mean_loss(t, x[5:], y[5:], 200.0), theta)
+    expected = (hessian @ grad) * theta
+    model.train()
+    scores = compute_salience("grasp", model, weights, batches, variant="reference")
+    got = torch.cat([scores["fc1"].reshape(-1), scores["fc2"].reshape(-1)])
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-20)
+    assert F.cross_entropy.__name__ == "cross_entropy"  # the temperature is gone again
+    paper = compute_salience("grasp", model, weights, batches)  # −, T = 1, one set: another ranking
+    assert not torch.allclose(torch.cat([paper["fc1"].reshape(-1), paper["fc2"].reshape(-1)]).sign(), got.sign())
+    assert calibration_sets("grasp", variant="reference") == 2
+    assert calibration_sets("grasp", variant="paper") == calibration_sets("fisher", variant="reference") == 1
+
+
+class Shift(nn.Module):
+    """x + b with a persistent buffer b: the authors' |·| of the state dict reaches buffers too."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.register_buffer("b", torch.linspace(-1.0, 0.5, n))
+
+    def forward(self, x):
+        return x + self.b
+
+
+def test_synflow_reference_is_the_authors_abs_state_dict_flow_through_the_unchanged_modules():
+    from transformers.activations import GELUActivation
+
+    torch.manual_seed(0)
+    chain = nn.Sequential(nn.Linear(4, 6), GELUActivation(), nn.Linear(6, 5), nn.LayerNorm(5), nn.ReLU(), Shift(5),
+                          nn.Linear(5, 3)).double()  # float64: runs in the model's dtype, so exact here
+    with torch.no_grad():  # signed norm parameters, so that |γ|, |β| matter
+        chain[3].weight.copy_(torch.tensor([1.5, -0.5, 0.8, -1.2, 0.3]))
+        chain[3].bias.copy_(torch.tensor([-0.2, 0.4, -0.6, 0.1, 0.0]))
+    weights = {"w1": chain[0].weight, "w2": chain[2].weight, "w3": chain[6].weight}
+    before = bits(chain) + [chain[5].b.clone()]
+    relu = F.relu
+    scores = compute_salience("synflow", chain, weights, [], variant="reference")
+
+    def flow(bypass_relu: bool):
+        """R = Σ out of the |state dict| chain on an all-ones input; F.relu (nn.ReLU) bypassed, transformers'
+        GELUActivation (bound at construction) and LayerNorm kept; score |∂R/∂|θ| · |θ||."""
+        a = {n: p.detach().double().abs().requires_grad_(n.endswith("weight") and n[0] in "026")
+             for n, p in chain.named_parameters()}
+        h = torch.ones(1, 4, dtype=torch.float64)  # no float64 cast of a float32 model, no 16-token input
+        h = F.gelu(F.linear(h, a["0.weight"], a["0.bias"]))
+        h = F.layer_norm(F.linear(h, a["2.weight"], a["2.bias"]), (5,), a["3.weight"], a["3.bias"])
+        h = (h if bypass_relu else F.relu(h)) + chain[5].b.abs()
+        total = F.linear(h, a["6.weight"], a["6.bias"]).sum()
+        ws = [a["0.weight"], a["2.weight"], a["6.weight"]]
+        return {n: (g * w).abs() for n, g, w in zip(weights, torch.autograd.grad(total, ws), ws)}
+
+    expected = flow(bypass_relu=True)
+    for name in weights:
+        torch.testing.assert_close(scores[name], expected[name], rtol=1e-12, atol=0)
+    assert not torch.allclose(scores["w1"], flow(bypass_relu=False)["w1"], rtol=1e-3)  # the bypass matters
+    after = bits(chain) + [chain[5].b]
+    assert all(torch.equal(p, q) for p, q in zip(after, before)) and F.relu is relu  # all put back
+
+
+def tiny_bert():
+    """A 1-block BERT classifier (hidden 8, 2 token types, 2 labels) in float64 and two batches with
+    segment ids, padding and dropout."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=12, max_position_embeddings=16, type_vocab_size=2, num_labels=2)
+    model = BertForSequenceClassification(config).double().train()
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(1, 20, (6, 5), generator=gen)
+    mask = torch.tensor([[1, 1, 1, 1, 1]] * 3 + [[1, 1, 1, 0, 0]] * 3)
+    segments = torch.tensor([[0, 0, 1, 1, 1]] * 6) * mask
+    labels = torch.tensor([0, 1, 1, 0, 1, 0])
+    batch = {"input_ids": ids, "token_type_ids": segments, "attention_mask": mask, "labels": labels}
+    batches = [{k: v[a:b] for k, v in batch.items()} for a, b in [(0, 4), (4, 6)]]
+    weights = {f"l0.{n}": m.weight for n, m in model.bert.encoder.layer[0].named_modules() if isinstance(m, nn.Linear)}
+    return model, weights, batches, batch
+
+
+def test_fisher_reference_puts_the_labels_into_token_type_ids_one_example_at_a_time():
+    model, weights, batches, batch = tiny_bert()
+    scores = compute_salience("fisher", model, weights, batches, variant="reference")
+    model.eval()
+    squares = {name: torch.zeros_like(w) for name, w in weights.items()}
+    for i in range(6):  # keyword call: token type = the example's label at every position; the usual loss
+        row = {k: v[i:i + 1] for k, v in batch.items()}
+        logits = model(input_ids=row["input_ids"], attention_mask=row["attention_mask"],
+                       token_type_ids=row["labels"].expand(1, 5)).logits
+        grads = torch.autograd.grad(F.cross_entropy(logits, row["labels"]), list(weights.values()))
+        for name, g in zip(weights, grads):
+            squares[name] += g ** 2 / 6
+    for name in weights:
+        torch.testing.assert_close(scores[name], squares[name], rtol=1e-10, atol=1e-16)
+    paper = compute_salience("fisher", model, weights, batches)  # the batch's segment ids: another Fisher
+    assert not all(torch.allclose(paper[n], scores[n], rtol=1e-3, atol=0) for n in weights)
+
+
+def test_fisher_reference_refuses_what_the_authors_call_cannot_do(setup):
+    from speft_bench.schemas import ConfigError
+
+    model, weights, batches, _ = tiny_bert()
+    three = [{**b, "labels": b["labels"] * 2} for b in batches]  # label 2: no such token type
+    with pytest.raises(ConfigError, match="type_vocab_size=2 and the labels go up to 2"):
+        compute_salience("fisher", model, weights, three, variant="reference")
+    tiny, tiny_weights, tiny_batches, _, _ = setup  # forward(x, labels): no third parameter
+    with pytest.raises(ConfigError, match="token_type_ids on BERT-family models; Tiny.forward takes"):
+        compute_salience("fisher", tiny, tiny_weights, tiny_batches, variant="reference")
+
+
+def test_calibration_mode_train_keeps_dropout_on(setup):
+    model, weights, batches, x, y = setup
+    torch.manual_seed(5)
+    scores = compute_salience("gradient", model, weights, batches, mode="train")
+    assert model.training
+    torch.manual_seed(5)  # the same dropout masks: one forward per batch, in order
+    loss = sum(model(b["x"], b["labels"]).loss * len(b["labels"]) / 10 for b in batches)
+    for name, g in zip(weights, torch.autograd.grad(loss, list(weights.values()))):
+        torch.testing.assert_close(scores[name], g.abs(), rtol=0, atol=1e-12)
+    evaluated = compute_salience("gradient", model, weights, batches)
+    assert not torch.allclose(evaluated["fc1"], scores["fc1"])
+    model.eval()
+    compute_salience("gradient", model, weights, batches, mode="train")
+    assert not model.training  # the caller's mode comes back
+
+
+def test_split_examples_cuts_into_equal_consecutive_sets():
+    from speft_bench.salience import split_examples
+
+    batches = [{"labels": torch.arange(a, b)} for a, b in [(0, 4), (4, 8), (8, 10)]]
+    sets = split_examples(batches, 2)
+    assert [[b["labels"].tolist() for b in s] for s in sets] == [[[0, 1, 2, 3], [4]], [[5, 6, 7], [8, 9]]]
+    assert sets[0][0] is batches[0]  # whole batches are not copied
+
+
+@pytest.mark.parametrize("metric", ["grasp", "synflow"])
+def test_reference_variants_stay_within_the_paper_variants_budgets(metric):
+    model, weights, batches = deep()
+    w_bytes = sum(w.numel() * w.element_size() for w in weights.values())
+    counter = LiveBytes()
+    with counter:
+        scores = compute_salience(metric, model, weights, batches, variant="reference", calibration_micro_batch=1)
+    assert w_bytes <= counter.peak <= BUDGETS[metric] * w_bytes, f"{metric}: {counter.peak / w_bytes:.3f} × W"
+    del scores

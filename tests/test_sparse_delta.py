@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -286,7 +287,7 @@ def test_adapter_round_trip_reproduces_logits(trained, minilm, tmp_path):
     fresh = minilm().eval()
     assert load_adapter(tmp_path / "adapter.safetensors", fresh, model_id="minilm_l6", targets=[TARGETS]) == metadata
     with torch.no_grad():
-        torch.testing.assert_close(fresh(**batch).logits, logits, rtol=0, atol=1e-6)
+        assert torch.equal(fresh(**batch).logits, logits)
     assert {n: layer.indices.tolist() for n, layer in sparse_deltas(fresh).items()} == \
            {n: layer.indices.tolist() for n, layer in sparse_deltas(model).items()}
 
@@ -319,13 +320,19 @@ def test_detach_without_merge_restores_the_pretrained_model(trained):
         torch.testing.assert_close(model(**batch).logits, base_logits, rtol=0, atol=0)
 
 
-def test_save_refuses_deltas_merged_into_the_base(trained, tmp_path):
+def test_save_refuses_a_pending_merge_and_keeps_a_refresh_merged_into_the_base(trained, tmp_path):
     model, _, _ = trained
     layer = sparse_deltas(model)["bert.encoder.layer.0.attention.self.query"]
+    old = layer.indices.long().clone()
     layer.merge()
-    layer.set_mask(torch.tensor([0, 1]))  # as a dynamic-mask refresh does
-    with pytest.raises(ValueError, match="layer 'bert.encoder.layer.0.attention.self.query' has its delta .*merged"):
+    with pytest.raises(ValueError, match="layer 'bert.encoder.layer.0.attention.self.query' has its delta merged"):
         save_adapter(tmp_path / "a.safetensors", model, {})
+    layer.set_mask(torch.tensor([0, 1]))  # as a dynamic-mask refresh does: the merge is permanent
+    assert torch.equal(layer.base_touched, old)
+    save_adapter(tmp_path / "a.safetensors", model, {})
+    with safe_open(str(tmp_path / "a.safetensors"), framework="pt") as f:
+        assert torch.equal(f.get_tensor(f"{QUERY}.base_indices"), old)
+        assert torch.equal(f.get_tensor(f"{QUERY}.base_weight"), layer.base.weight.view(-1)[old])
 
 
 QUERY = "bert.encoder.layer.0.attention.self.query"  # a 384 × 384 weight

@@ -120,16 +120,30 @@ def test_calibration_rounds_draw_fresh_examples():
     assert [len(b["labels"]) for b in first] == [8, 8]
 
 
-def test_a_static_run_saves_its_adapter_and_a_dynamic_one_says_why_not(tmp_path, minilm):
-    from speft_bench.methods.speft.model import load_adapter, sparse_deltas
+def test_the_authors_knobs_reach_salience_and_selection(minilm, monkeypatch):
+    """metric.variant (GRaSP's reference draws two sets), method.calibration_mode and masking.local_split."""
+    import speft_bench.methods.speft as speft
 
-    record = run(compose_config("method=speft", "metric=gradient", *TINY), tmp_path / "static")
-    assert record["adapter"] == "adapter.safetensors"
-    model = minilm()
-    metadata = load_adapter(tmp_path / "static" / "adapter.safetensors", model, model_id="minilm_l6")
-    assert metadata["budget"] == 331_776 and metadata["metric"] == "gradient"
-    layers = sparse_deltas(model)
-    assert len(layers) == 36 and sum(layer.k for layer in layers.values()) == 331_776
-    assert all(layer.values.abs().sum() > 0 for layer in layers.values())  # trained, not the zero init
-    dynamic = run(compose_config("method=speft", "metric=gradient", "masking=dynamic_global", *TINY), tmp_path / "dyn")
-    assert "adapter" not in dynamic and not (tmp_path / "dyn" / "adapter.safetensors").exists()
+    seen = {}
+
+    def scores(name, model, weights, batches, **options):  # records what the metric would get
+        seen.update(options, name=name, examples=sum(len(b["labels"]) for b in batches))
+        return {n: torch.rand(w.shape, generator=torch.Generator().manual_seed(0)) for n, w in weights.items()}
+
+    monkeypatch.setattr(speft, "compute_salience", scores)
+    cfg = compose_config("method=speft", "metric=grasp", "metric.variant=reference", "masking=static_local",
+                         "masking.local_split=equal", "method.calibration_mode=train", *TINY)
+    typed = validate(cfg)
+    asked = []
+
+    def batches(round_, n, size):
+        asked.append(n)
+        return [{"labels": torch.zeros(size, dtype=torch.long)} for _ in range(n // size)]
+
+    info = METHODS["speft"]().prepare(minilm(), MethodContext(cfg, typed, batches)).info
+    assert asked == [16] and info["calibration"]["examples"] == 16  # 2 × method.calibration_examples
+    assert (seen["name"], seen["variant"], seen["mode"]) == ("grasp", "reference", "train")
+    assert info["salience"] == {"metric": "grasp", "variant": "reference"}
+    sizes = {n: 384 * 384 if n.endswith(("query", "key", "value", "attention.output.dense")) else 384 * 1536
+             for n in info["density_per_layer"]}
+    assert {n: round(d * sizes[n]) for n, d in info["density_per_layer"].items()} == dict.fromkeys(sizes, 9_216)

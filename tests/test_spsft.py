@@ -445,7 +445,7 @@ def test_adapter_round_trip_reproduces_logits(tuned, minilm, tmp_path):
         load_adapter(path, minilm(), model_id="opt_125m")
     with pytest.raises(AdapterError, match=r"adapter targets \['all'\], expected \['mlp'\]"):
         load_adapter(path, minilm(), targets=["mlp"])
-    with pytest.raises(AdapterError, match="not a speft sparse-delta adapter .*'spsft-row-delta/1'"):
+    with pytest.raises(AdapterError, match="not a speft sparse-delta adapter .*'spsft-row-delta/2'"):
         load_speft_adapter(path, minilm())  # the formats do not mix
 
 
@@ -490,7 +490,7 @@ LAYER9 = "bert.encoder.layer.9.attention.self.query"
      r"unexpected tensor 'classifier.weight' \(expected '<layer>.rows' and '<layer>.delta'\)"),
     ({}, None, "adapter holds no layers"),
     (GOOD, {}, "not a spsft row-delta adapter"),
-    (GOOD, {"format": SPEFT_FORMAT}, "not a spsft row-delta adapter .*format='speft-sparse-delta/1'"),
+    (GOOD, {"format": SPEFT_FORMAT}, "not a spsft row-delta adapter .*format='speft-sparse-delta/2'"),
     (GOOD, {"format": ADAPTER_FORMAT, "model": "{not json"}, "metadata is not JSON-encoded"),
 ])
 def test_bad_adapters_raise_adapter_error_and_change_nothing(minilm, tmp_path, tensors, metadata, message):

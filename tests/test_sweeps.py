@@ -22,7 +22,8 @@ def records_under(root) -> list[dict]:
 
 
 def test_slurm_launcher_takes_cluster_settings_from_the_local_file(tmp_path):
-    conf = shutil.copytree(CONF, tmp_path / "conf")
+    # the project's configs without a user's own (git-ignored) site/local.yaml
+    conf = shutil.copytree(CONF, tmp_path / "conf", ignore=shutil.ignore_patterns("local.yaml"))
     register_schemas()
 
     def launcher():
@@ -31,11 +32,13 @@ def test_slurm_launcher_takes_cluster_settings_from_the_local_file(tmp_path):
         return cfg.hydra.launcher
 
     default = launcher()
-    assert default._target_.endswith("submitit_launcher.SlurmLauncher")
-    assert (default.partition, default.gpus_per_node, default.array_parallelism, default.timeout_min) == (None, 1, 16, 720)
+    assert default._target_ == "hydra_plugins.speft_bench_launcher.SlurmLauncher"  # speft_bench/launcher.py
+    # what any node has: 1 CPU, the partition's default memory, no GPU; jobs named after the sweep
+    assert (default.partition, default.gpus_per_node, default.cpus_per_task, default.mem_gb) == (None, None, 1, None)
+    assert (default.name, default.array_parallelism, default.timeout_min) == ("auto", 16, 720)
     shutil.copy(conf / "hydra/launcher/site/local.yaml.example", conf / "hydra/launcher/site/local.yaml")
     local = launcher()
-    assert (local.partition, local.account, local.array_parallelism) == ("gpu", "my-account", 16)
+    assert (local.partition, local.account, local.gpus_per_node, local.mem_gb) == ("gpu", "my-account", 1, 64)
     ignored = subprocess.run(["git", "check-ignore", "-q", "conf/hydra/launcher/site/local.yaml"], cwd=ROOT)
     assert ignored.returncode == 0  # cluster settings are never committed
 

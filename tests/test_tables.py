@@ -62,6 +62,14 @@ def test_cells_are_mean_and_sample_std_over_seeds(table):
     assert math.isnan(table.loc[("Gradient", "MRPC"), "std"])  # one seed: no ±
 
 
+def test_an_interrupted_run_is_no_result_and_hides_no_finished_seed():
+    from speft_bench.tables import summarise
+
+    assert summarise([record("lora", "mrpc", 0, 0.0, status="interrupted")], "accuracy")["status"] == "missing"
+    done = summarise([record("lora", "mrpc", 0, 0.80), record("lora", "mrpc", 0, 0.0, status="interrupted")], "accuracy")
+    assert (done["status"], done["mean"]) == ("ok", pytest.approx(80.0))
+
+
 def test_failed_and_missing_cells_carry_no_number(table):
     assert table.loc[("PiSSA", "MRPC"), "status"] == "failed" and math.isnan(table.loc[("PiSSA", "MRPC"), "mean"])
     assert table.loc[("DoRA", "MRPC"), "status"] == "missing"
@@ -195,4 +203,7 @@ def test_run_records_under_results_can_be_committed_and_weights_cannot():
     assert not ignored("results/cpu/multirun/2026-01-01_00-00-00/x/seed0/0/record.json")
     assert not ignored("results/llm/runs/x/seed0/2026-01-01_00-00-00/record.json")
     assert ignored("results/cpu/multirun/2026-01-01_00-00-00/x/seed0/0/adapter.safetensors")
+    assert ignored("results/cpu/multirun/2026-01-01_00-00-00/x/seed0/0/adapter/adapter_config.json")
+    assert ignored("results/llm/runs/x/seed0/2026-01-01_00-00-00/model/config.json")
+    assert not ignored("conf/model/minilm_l6.yaml")
     assert ignored("multirun/2026-01-01_00-00-00/0/record.json") and ignored("outputs/x/record.json")

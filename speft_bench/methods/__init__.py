@@ -33,14 +33,16 @@ class Prepared:
     """A model ready to train, what the record should say about it, and two optional hooks.
 
     ``on_step(step, optimizer)`` runs before each optimizer step is taken (dynamic masks use it to
-    re-select entries and reset the optimizer state, per ``masking.optimizer_reset``).  ``save(path)`` writes
-    the trained adapter (sparse tuners; peft's own methods are saved with peft).
+    re-select entries and reset the optimizer state, per ``masking.optimizer_reset``).
+    ``save(run_dir)`` writes what the base model needs to become the trained one (the method's
+    ``load`` reads it back) and returns what the record says about it: ``path`` (in the run folder),
+    ``format`` and the number of values per kind of tensor.  None: nothing was trained.
     """
 
     model: nn.Module
     info: dict[str, Any] = field(default_factory=dict)
     on_step: Callable[[int, Any], None] | None = None
-    save: Callable[[Path], None] | None = None
+    save: Callable[[Path], dict[str, Any]] | None = None
 
 
 class Method:
@@ -61,6 +63,12 @@ class Method:
 
     def prepare(self, model: nn.Module, ctx: MethodContext) -> Prepared:
         raise NotImplementedError
+
+    @classmethod
+    def load(cls, model: nn.Module, run_dir: Path, typed: dict[str, Any]) -> nn.Module:
+        """The trained model: ``model`` (the base, as the run loaded it) with what ``Prepared.save`` wrote
+        in ``run_dir`` applied (``speft_bench.export.load_trained``).  The base: nothing was trained."""
+        return model
 
 
 def freeze_all_but(model: nn.Module, trainable: dict[str, nn.Parameter]) -> None:

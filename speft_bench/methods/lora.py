@@ -2,13 +2,40 @@
 
 PiSSA is LoRA with a principal-singular-vector init, DoRA is LoRA with a learned magnitude:
 one module, three registered names, told apart by ``method.init`` and ``method.use_dora``.
+
+The run saves a peft adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) with
+the task head as ``modules_to_save``, so ``PeftModel.from_pretrained(base, run_dir / "adapter")`` is
+the trained model.  PiSSA's config keeps ``init_lora_weights="pissa"``: loading recomputes the
+residual base weights by the same SVD the run did, then sets A and B.
 """
 
-from peft import LoraConfig, inject_adapter_in_model
+import copy
+
+from peft import LoraConfig, PeftModel, TaskType, inject_adapter_in_model
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import save_file
 
 from speft_bench.methods import METHODS, Method, MethodContext, Prepared, freeze_all_but
 from speft_bench.models import head_parameters, targets_for
 from speft_bench.schemas import LoraInit
+
+SAVED = "adapter"  # peft's adapter folder in the run folder
+PEFT_PREFIX = "base_model.model."  # peft's file keys are relative to a PeftModel
+
+
+def save_peft_adapter(model, config: LoraConfig, folder) -> dict[str, int]:
+    """Write ``model``'s injected adapter and its head (``modules_to_save``) in peft's format; the numel of each."""
+    head = head_parameters(model)
+    adapter = get_peft_model_state_dict(model, save_embedding_layers=False)  # adapter name stripped, as peft saves
+    saved = copy.deepcopy(config)
+    saved.base_model_name_or_path = model.config.name_or_path
+    saved.task_type = TaskType.SEQ_CLS if head else TaskType.CAUSAL_LM
+    saved.modules_to_save = sorted({name.split(".")[0] for name in head}) or None
+    folder.mkdir(parents=True, exist_ok=True)
+    saved.save_pretrained(folder)
+    tensors = {PEFT_PREFIX + name: t.detach().contiguous() for name, t in (adapter | head).items()}
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return {"adapter": sum(t.numel() for t in adapter.values()), "dense": sum(p.numel() for p in head.values())}
 
 
 @METHODS.register("lora", "pissa", "dora")
@@ -29,4 +56,12 @@ class LoRA(Method):
         if spec.train_head:
             trainable |= head_parameters(model)
         freeze_all_but(model, trainable)
-        return Prepared(model, info={"target_modules": len(targets)})
+
+        def save(run_dir):
+            return {"path": SAVED, "format": "peft", "numel": save_peft_adapter(model, config, run_dir / SAVED)}
+
+        return Prepared(model, info={"target_modules": len(targets)}, save=save)
+
+    @classmethod
+    def load(cls, model, run_dir, typed):
+        return PeftModel.from_pretrained(model, run_dir / SAVED).base_model.model  # the model, adapters injected

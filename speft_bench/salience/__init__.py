@@ -7,13 +7,19 @@ weight's shape per name, float32 (float64 for float64 weights).  Higher means mo
 keep the top-k.
 
 Every metric takes the memory options ``calibration_micro_batch`` (examples per forward/backward;
-None: whole batches) and ``offload`` (scores kept on the CPU).  Memory is bounded by one score
-buffer per target weight: each layer's ``.grad`` is folded into its buffer and freed as soon as
-backward has produced it (``backward_per_layer``), so at most one layer's dense gradient exists at a
-time, and the scores are built in place in the buffers.
+None: whole batches) and ``offload`` (scores kept on the CPU), and the model's ``mode`` while it runs
+(``method.calibration_mode``).  Memory is bounded by one score buffer per target weight: each
+layer's ``.grad`` is folded into its buffer and freed as soon as backward has produced it
+(``backward_per_layer``), so at most one layer's dense gradient exists at a time, and the scores are
+built in place in the buffers.
 
-Data-driven metrics run in eval mode (no dropout) with gradients enabled on the target weights only,
-and restore the model's flags afterwards (``calibration_mode``).
+Metrics that run the model do so in eval mode (no dropout; ``mode="train"``: dropout on) with gradients
+enabled on the target weights only, and restore the model's flags afterwards (``calibration_mode``).
+
+A metric may draw more than one set of calibration examples (GRaSP's reference variant: a second set
+for its Hessian pass): its function's ``calibration_sets(**options)`` says how many, the method draws
+that many times ``method.calibration_examples`` (``calibration_sets`` below), and the metric splits them
+(``split_examples``).
 """
 
 from __future__ import annotations
@@ -41,9 +47,33 @@ def batch_size(batch: dict) -> int:
     return len(batch["labels"])
 
 
+def calibration_sets(name: str, **options) -> int:
+    """How many sets of ``method.calibration_examples`` metric ``name`` with ``options`` takes (default 1)."""
+    sets = getattr(SALIENCE_METRICS[name], "calibration_sets", None)
+    return 1 if sets is None else sets(**options)
+
+
+def split_examples(batches: list[dict], parts: int) -> list[list[dict]]:
+    """``batches`` cut into ``parts`` consecutive sets of equally many examples (the first sets take one
+    more where they do not divide); a batch that straddles a cut is sliced."""
+    total = sum(batch_size(b) for b in batches)
+    ends = [total * (i + 1) // parts for i in range(parts)]
+    sets, start = [[] for _ in range(parts)], 0
+    for batch in batches:
+        n, offset = batch_size(batch), 0
+        while offset < n:
+            part = next(i for i, end in enumerate(ends) if start + offset < end)
+            take = min(n - offset, ends[part] - start - offset)
+            sets[part].append(batch if take == n else {key: v[offset:offset + take] for key, v in batch.items()})
+            offset += take
+        start += n
+    return sets
+
+
 @contextmanager
-def calibration_mode(model: nn.Module, weights: dict[str, Tensor]) -> Iterator[None]:
-    """Eval mode, gradients on ``weights`` only; flags, mode and any existing ``.grad`` restored on exit."""
+def calibration_mode(model: nn.Module, weights: dict[str, Tensor], mode: str = "eval") -> Iterator[None]:
+    """Eval mode (``mode="train"``: train mode, dropout on), gradients on ``weights`` only; flags, mode
+    and any existing ``.grad`` restored on exit."""
     flags = {p: p.requires_grad for p in model.parameters()}
     stashed = {name: w.grad for name, w in weights.items()}  # the per-layer hooks must see only our gradients
     training = model.training
@@ -52,7 +82,7 @@ def calibration_mode(model: nn.Module, weights: dict[str, Tensor]) -> Iterator[N
         p.requires_grad_(id(p) in keep)
     for w in weights.values():
         w.grad = None
-    model.eval()
+    model.train(mode == "train")
     try:
         with torch.enable_grad():
             yield
@@ -113,7 +143,7 @@ def adder(buffers: Scores, alpha: float = 1.0) -> Consume:
 
 
 def mean_gradients(model: nn.Module, weights: dict[str, Tensor], batches: list[dict],
-                   calibration_micro_batch: int | None = None, offload: bool = False) -> Scores:
+                   calibration_micro_batch: int | None = None, offload: bool = False, mode: str = "eval") -> Scores:
     """E[∂ℓ/∂θ]: the gradient of the mean loss over every loss term of ``batches``, per weight, as
     float32 (d_out, d_in) buffers (on the CPU with ``offload``) that the caller may modify in place.
 
@@ -121,7 +151,7 @@ def mean_gradients(model: nn.Module, weights: dict[str, Tensor], batches: list[d
     any split into batches and micro-batches gives the gradient of one big batch's mean loss.
     """
     sums = score_buffers(weights, offload)
-    with calibration_mode(model, weights):
+    with calibration_mode(model, weights, mode):
         for piece, share in progress(weighted_pieces(batches, calibration_micro_batch), desc="salience: gradients",
                                      leave=False):
             backward_per_layer(model(**piece).loss * share, weights, adder(sums))

@@ -18,6 +18,18 @@ are divided by their global maximum (one scale for all layers, so global and loc
 unchanged): a first backward pass finds the maximum, a second writes the scaled scores straight into
 the float32 buffers, so no float64 score per weight is kept either (the graph of a 16-token all-ones
 input is small).  A model deep enough to overflow float64 stops the run as non-finite.
+
+``variant="reference"``: what the authors' code (0-ml/speft, ``compute_synflow_scores``) computes, which
+produced the paper's numbers.  It takes |·| of the whole state dict (parameters and persistent buffers)
+in place and "linearises" by setting the activation functions of ``torch.nn.functional`` to the
+identity (``AUTHORS_IDENTITIES``) while R runs.  That reaches only modules that look the function up at
+call time (torch's ``nn.ReLU``, ``nn.GELU``, ``nn.SiLU``, ``nn.Softmax``; transformers' ``SiLUActivation``,
+eager attention's softmax), not those that bound it at construction (transformers' ``GELUActivation``:
+BERT's MLP), nor ``torch.tanh`` (the pooler), nor any norm: on BERT-family models with SDPA attention
+nothing is bypassed.  The input is one all-ones ``inputs_embeds`` token (1 × 1 × hidden) in the model's
+dtype, nothing is cast to float64 or rescaled, and the score is |∂R/∂|θ| · |θ||.  Parameters and
+buffers are put back bit for bit afterwards (the authors multiply by the signs again, which loses the
+sign of a weight tied to another: the second |·| already made it positive).
 """
 
 from __future__ import annotations
@@ -32,7 +44,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from speft_bench.models import is_norm
-from speft_bench.salience import SALIENCE_METRICS, Scores, calibration_mode, score_buffers
+from speft_bench.salience import SALIENCE_METRICS, Scores, backward_per_layer, calibration_mode, score_buffers
 from speft_bench.schemas import ConfigError
 
 SEQ_LEN = 16  # all-ones input tokens for sequence models: > 1 so positions (and so Q, K) matter
@@ -187,24 +199,92 @@ class _Flow:
         self.scale = self.top if finite else 1.0  # non-finite: reported by the caller
 
 
-def ones_input(model: nn.Module) -> tuple[tuple, dict]:
-    """(args, kwargs) of an all-ones float64 input: input embeddings for transformers, features otherwise."""
+def ones_input(model: nn.Module, length: int = SEQ_LEN,
+               dtype: torch.dtype | None = torch.float64) -> tuple[tuple, dict]:
+    """(args, kwargs) of an all-ones input of ``length`` tokens in ``dtype`` (None: the first layer's):
+    input embeddings for transformers, features otherwise."""
     device = next(model.parameters()).device
     if hasattr(model, "get_input_embeddings"):
-        hidden = model.get_input_embeddings().embedding_dim
-        return (), {"inputs_embeds": torch.ones(1, SEQ_LEN, hidden, dtype=torch.float64, device=device)}
+        embedding = model.get_input_embeddings()
+        shape = (1, length, embedding.embedding_dim)
+        return (), {"inputs_embeds": torch.ones(shape, dtype=dtype or embedding.weight.dtype, device=device)}
     first = next((m for m in model.modules() if isinstance(m, nn.Linear)), None)
     if first is None:
         raise ConfigError("metric=synflow needs a model with an input embedding or an nn.Linear first layer")
-    return (torch.ones(1, first.in_features, dtype=torch.float64, device=device),), {}
+    return (torch.ones(1, first.in_features, dtype=dtype or first.weight.dtype, device=device),), {}
 
 
 def _output(out) -> Tensor:
     return out.logits if hasattr(out, "logits") else out
 
 
+# --------------------------------------------------------------------------- the authors' variant
+# The torch.nn.functional names the authors' code sets to the identity while R runs.
+AUTHORS_IDENTITIES = ("threshold", "relu", "rrelu", "hardtanh", "relu6", "sigmoid", "hardsigmoid", "tanh", "silu",
+                      "mish", "hardswish", "elu", "celu", "selu", "glu", "gelu", "hardshrink", "leaky_relu",
+                      "logsigmoid", "softplus", "softshrink", "prelu", "softsign", "tanhshrink", "softmin", "softmax",
+                      "log_softmax")
+
+
+def _identity(x, *args, **kwargs):
+    return x
+
+
+@contextmanager
+def functional_identities(names: tuple[str, ...]) -> Iterator[None]:
+    """``torch.nn.functional.<name>`` is the identity for each name inside the block; restored on exit."""
+    originals = {name: getattr(F, name) for name in names}
+    for name in names:
+        setattr(F, name, _identity)
+    try:
+        yield
+    finally:
+        for name, function in originals.items():
+            setattr(F, name, function)
+
+
+@contextmanager
+def absolute_buffers(model: nn.Module) -> Iterator[None]:
+    """|b| in place for every persistent buffer of ``model`` (the rest of its state dict) with a negative
+    entry; each such buffer is copied first and put back on exit."""
+    params = {id(p) for p in model.parameters()}
+    saved: dict[int, tuple[Tensor, Tensor]] = {}
+    with torch.no_grad():
+        for tensor in model.state_dict(keep_vars=True).values():
+            if id(tensor) in params or id(tensor) in saved or tensor.dtype == torch.bool:
+                continue
+            if not bool((tensor < 0).any()):
+                continue
+            saved[id(tensor)] = (tensor, tensor.clone())
+            tensor.abs_()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for tensor, original in saved.values():
+                tensor.copy_(original)
+
+
+def reference_synflow(model, weights, offload: bool = False, mode: str = "eval") -> Scores:
+    """|∂R/∂|θ| · |θ|| with R the summed output of the |state dict| model on a 1 × 1 all-ones input,
+    the authors' activation names the identity (module docstring), in the model's dtype."""
+    scores = score_buffers(weights, offload)
+
+    def fold(name: str, grad: Tensor) -> None:  # weights[name] holds |θ| here
+        scores[name].copy_(grad.mul_(weights[name].detach()).abs_())
+
+    with (calibration_mode(model, weights, mode), absolute_values(model), absolute_buffers(model),
+          functional_identities(AUTHORS_IDENTITIES)):
+        args, kwargs = ones_input(model, length=1, dtype=None)
+        backward_per_layer(_output(model(*args, **kwargs)).sum(), weights, fold)
+    return scores
+
+
 @SALIENCE_METRICS.register("synflow")
-def synflow(model, weights, batches, calibration_micro_batch=None, offload: bool = False) -> Scores:
+def synflow(model, weights, batches, variant: str = "paper", calibration_micro_batch=None, offload: bool = False,
+            mode: str = "eval") -> Scores:
+    if variant == "reference":
+        return reference_synflow(model, weights, offload, mode)
     linears = {id(m.weight): m for m in model.modules() if isinstance(m, nn.Linear)}
     if outside := [name for name, w in weights.items() if id(w) not in linears]:
         raise ConfigError(f"metric=synflow scores nn.Linear weights only; not one: {', '.join(outside)}")
@@ -219,7 +299,7 @@ def synflow(model, weights, batches, calibration_micro_batch=None, offload: bool
 
     args, kwargs = ones_input(model)
     # SDPA's math kernel: the fused CPU kernel returns NaN gradients for the huge logits of |θ| chains
-    with (calibration_mode(model, weights), swapped(model, stand_in), absolute_values(model),
+    with (calibration_mode(model, weights, mode), swapped(model, stand_in), absolute_values(model),
           sdpa_kernel(SDPBackend.MATH)):
         flow_sum = _output(model(*args, **kwargs)).sum()
         flow_sum.backward(retain_graph=True)

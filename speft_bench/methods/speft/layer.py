@@ -165,7 +165,10 @@ class SparseDeltaLinear(nn.Module):
         # (W entries at `indices` before merge(), values merged so far): lets unmerge() restore W
         # exactly, since (W + v) - v is not W in floating point.
         self._merged: tuple[Tensor, Tensor] | None = None
-        self.base_changed = False  # W holds deltas merged under an earlier mask (dynamic masking)
+        # flat positions of W that hold deltas merged under earlier masks (dynamic masking), sorted:
+        # an adapter stores W there, so the base model plus the file is the trained model bit for bit
+        self.register_buffer("base_touched", torch.empty(0, dtype=torch.int64, device=base.weight.device),
+                             persistent=False)
         self.set_mask(indices)
 
     @property
@@ -179,6 +182,11 @@ class SparseDeltaLinear(nn.Module):
     @property
     def merged(self) -> bool:
         return self._merged is not None
+
+    @property
+    def base_changed(self) -> bool:
+        """W differs from the wrapped weight as it came: deltas of earlier masks were merged into it."""
+        return self.base_touched.numel() > 0
 
     def value_grad(self, dtype: torch.dtype) -> Literal["dense", "sampled"]:
         """The value-gradient kernel this layer's backward runs when its forward computes in ``dtype``."""
@@ -210,10 +218,11 @@ class SparseDeltaLinear(nn.Module):
                              f"got range [{int(flat[0])}, {int(flat[-1])}]")
         if (flat[1:] == flat[:-1]).any():
             raise ValueError("indices must be unique")
+        if self._merged is not None:  # the pending merge (of the old mask's entries) becomes permanent
+            self.base_touched = torch.cat([self.base_touched, self.indices.long()]).unique()
         self.indices = flat.to(torch.int32) if numel <= torch.iinfo(torch.int32).max else flat
         self.values.data = torch.zeros(flat.numel(), dtype=self.values.dtype, device=flat.device)
         self.values.grad = None
-        self.base_changed |= self._merged is not None
         self._merged = None
 
     @torch.no_grad()

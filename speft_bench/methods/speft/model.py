@@ -1,9 +1,12 @@
 """Sparse deltas on a model: attach/detach ``SparseDeltaLinear``, save/load adapters.
 
-An adapter file is safetensors with, per wrapped layer, ``<name>.indices`` (k,) integer flat
-positions into its (d_out, d_in) weight and ``<name>.values`` (k,) floats, plus JSON-encoded string
-metadata (model id, targets, metric, budget, …) under a ``format`` marker.  ``load_adapter``
-validates everything against the model before touching it, so a bad file never half-applies.
+An adapter file (``speft_bench.adapters``) holds, per wrapped layer, ``<name>.indices`` (k,) integer
+flat positions into its (d_out, d_in) weight and ``<name>.values`` (k,) floats; after dynamic-mask
+refreshes also ``<name>.base_indices`` and ``<name>.base_weight``: the positions where earlier masks'
+deltas were merged into W and W's values there (so loading sets them exactly, with no re-summing).
+Plus the dense tensors (head, other trained parameters) and JSON-encoded metadata (model id,
+targets, metric, budget, …) under a ``format`` marker.  ``load_adapter`` validates everything
+against the model before touching it, so a bad file never half-applies.
 """
 
 from __future__ import annotations
@@ -16,10 +19,14 @@ from torch import Tensor, nn
 
 from speft_bench.adapters import (
     AdapterError,
+    apply_dense,
     base_linear,
+    checked_dense,
     check_origin,
+    dense_tensors,
     is_integer_dtype,
     layer_names,
+    numel_of,
     modules_of_type,
     read_adapter,
     wrap_linears,
@@ -27,8 +34,9 @@ from speft_bench.adapters import (
 )
 from speft_bench.methods.speft.layer import SparseDeltaLinear, ValueGrad
 
-ADAPTER_FORMAT = "speft-sparse-delta/1"
+ADAPTER_FORMAT = "speft-sparse-delta/2"  # /1 held no head nor merged refreshes: not the trained model
 _PARTS = (".indices", ".values")
+_BASE_PARTS = (".base_indices", ".base_weight")
 
 
 def sparse_deltas(model: nn.Module) -> dict[str, SparseDeltaLinear]:
@@ -70,21 +78,28 @@ def detach_sparse_deltas(model: nn.Module, merge: bool) -> dict[str, nn.Linear]:
     return restored
 
 
-def save_adapter(path: str | Path, model: nn.Module, metadata: dict[str, Any]) -> None:
-    """Write every attached delta's indices and values, and ``metadata`` (JSON-encoded per key)."""
+def save_adapter(path: str | Path, model: nn.Module, metadata: dict[str, Any]) -> dict[str, int]:
+    """Write every attached delta (and the W entries earlier masks changed), the dense tensors and ``metadata``;
+    return the number of values per kind of tensor (for the record)."""
     layers = sparse_deltas(model)
     if not layers:
         raise ValueError("save_adapter: the model has no SparseDeltaLinear layers")
     for name, layer in layers.items():
-        if layer.merged or layer.base_changed:
-            # the file stores deltas against the pretrained weights; here part of it lives in W
-            raise ValueError(f"save_adapter: layer {name!r} has its delta (partly) merged into the base weight; "
+        if layer.merged:  # the file stores the delta apart from W; here part of it lives in W
+            raise ValueError(f"save_adapter: layer {name!r} has its delta merged into the base weight; "
                              f"unmerge() it, or export merged weights with detach_sparse_deltas(model, merge=True)")
     tensors = {}
     for name, layer in layers.items():
         tensors[f"{name}.indices"] = layer.indices.contiguous()
         tensors[f"{name}.values"] = layer.values.detach().contiguous()
-    write_adapter(path, tensors, metadata, ADAPTER_FORMAT)
+        if layer.base_changed:
+            tensors[f"{name}.base_indices"] = layer.base_touched
+            tensors[f"{name}.base_weight"] = layer.base.weight.detach().view(-1)[layer.base_touched]
+    dense = dense_tensors(model, SparseDeltaLinear)
+    write_adapter(path, tensors, metadata, ADAPTER_FORMAT, dense)
+    return {"sparse_values": sum(layer.k for layer in layers.values()),
+            "base_weight_entries": sum(layer.base_touched.numel() for layer in layers.values()),
+            "dense": numel_of(dense)}
 
 
 def load_adapter(path: str | Path, model: nn.Module, *, model_id: str | None = None,
@@ -92,21 +107,29 @@ def load_adapter(path: str | Path, model: nn.Module, *, model_id: str | None = N
     """Attach the adapter at ``path`` to ``model`` (or reset already attached layers) and return its metadata.
 
     Raises ``AdapterError`` naming the problem for an unreadable file, a foreign or malformed one,
-    layers that are not linears of ``model``, invalid indices or values, or metadata that disagrees
-    with ``model_id``/``targets`` when those are given.  The model is unchanged when it raises.
+    layers that are not linears of ``model``, invalid indices or values, dense tensors that are not
+    parameters of ``model``, or metadata that disagrees with ``model_id``/``targets`` when those are
+    given.  The model is unchanged when it raises.  Values and dense tensors keep the file's dtype.
     """
-    metadata, tensors = read_adapter(path, ADAPTER_FORMAT, "speft sparse-delta")
+    metadata, tensors, dense = read_adapter(path, ADAPTER_FORMAT, "speft sparse-delta")
     check_origin(path, metadata, model_id, targets)
-    deltas = {name: _checked_layer(path, model, name, tensors) for name in layer_names(path, tensors, _PARTS)}
+    names = layer_names(path, tensors, _PARTS, _BASE_PARTS)
+    deltas = {name: _checked_layer(path, model, name, tensors) for name in names}
+    bases = {name: _checked_base(path, model, name, tensors) for name in names if f"{name}.base_indices" in tensors}
+    params = checked_dense(path, model, dense)
     for name, (indices, values) in deltas.items():
         layer = model.get_submodule(name)
         if isinstance(layer, SparseDeltaLinear):
             layer.set_mask(indices)
         else:
             layer = attach_sparse_deltas(model, {name: indices})[name]
-        order = indices.argsort()  # set_mask stores indices sorted; values must follow
         with torch.no_grad():
-            layer.values.copy_(values[order])
+            layer.values.data = values[indices.argsort()].to(layer.values.device)  # set_mask sorted the indices
+            if name in bases:
+                positions, weight = bases[name]
+                layer.base.weight.view(-1)[positions] = weight.to(layer.base.weight)
+                layer.base_touched = positions.to(layer.base_touched.device)
+    apply_dense(params)
     return metadata
 
 
@@ -114,21 +137,35 @@ def _checked_layer(path: str | Path, model: nn.Module, name: str, tensors: dict[
     """(indices, values) of layer ``name`` after checking them against the model's linear of that name."""
     where = f"{path}: layer {name!r}"
     module = base_linear(model, name, SparseDeltaLinear, where)
-    indices, values = tensors[f"{name}.indices"], tensors[f"{name}.values"]
+    return (_checked_positions(where, module, tensors[f"{name}.indices"], tensors[f"{name}.values"], "indices", "values"),
+            tensors[f"{name}.values"])
+
+
+def _checked_base(path: str | Path, model: nn.Module, name: str, tensors: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """(positions, W values) of layer ``name``'s merged refreshes, checked like its indices and values."""
+    where = f"{path}: layer {name!r}"
+    module = base_linear(model, name, SparseDeltaLinear, where)
+    weight = tensors[f"{name}.base_weight"]
+    return _checked_positions(where, module, tensors[f"{name}.base_indices"], weight, "base_indices", "base_weight"), weight
+
+
+def _checked_positions(where: str, module: nn.Linear, indices: Tensor, values: Tensor, index_part: str,
+                       value_part: str) -> Tensor:
+    """``indices`` as int64 after checking them and their ``values`` against ``module``'s weight."""
     if not is_integer_dtype(indices.dtype):
-        raise AdapterError(f"{where}: indices must be integers, got {indices.dtype}")
+        raise AdapterError(f"{where}: {index_part} must be integers, got {indices.dtype}")
     if not values.dtype.is_floating_point:
-        raise AdapterError(f"{where}: values must be floating point, got {values.dtype}")
+        raise AdapterError(f"{where}: {value_part} must be floating point, got {values.dtype}")
     if indices.ndim != 1 or values.ndim != 1 or len(indices) != len(values):
-        raise AdapterError(f"{where}: indices {tuple(indices.shape)} and values {tuple(values.shape)} "
+        raise AdapterError(f"{where}: {index_part} {tuple(indices.shape)} and {value_part} {tuple(values.shape)} "
                            f"must be 1-D of the same length")
     numel = module.weight.numel()
     flat = indices.long()
     if len(flat) and (flat.min() < 0 or flat.max() >= numel):
-        raise AdapterError(f"{where}: indices must lie in [0, {numel}) for its weight {tuple(module.weight.shape)}, "
-                           f"found [{int(flat.min())}, {int(flat.max())}]")
+        raise AdapterError(f"{where}: {index_part} must lie in [0, {numel}) for its weight "
+                           f"{tuple(module.weight.shape)}, found [{int(flat.min())}, {int(flat.max())}]")
     if flat.unique().numel() != len(flat):
-        raise AdapterError(f"{where}: indices contain duplicates")
+        raise AdapterError(f"{where}: {index_part} contain duplicates")
     if not torch.isfinite(values).all():
-        raise AdapterError(f"{where}: values contain NaN or inf")
-    return flat, values  # copy_ casts them to the layer's values dtype
+        raise AdapterError(f"{where}: {value_part} contain NaN or inf")
+    return flat

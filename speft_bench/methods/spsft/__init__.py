@@ -18,9 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from speft_bench.adapters import FILE
 from speft_bench.methods import METHODS, Method, MethodContext, Prepared, freeze_all_but
 from speft_bench.methods.spsft.importance import IMPORTANCE, neuron_importance, top_rows
-from speft_bench.methods.spsft.model import attach_row_deltas, save_adapter
+from speft_bench.methods.spsft.model import ADAPTER_FORMAT, attach_row_deltas, load_adapter, save_adapter
 from speft_bench.models import head_parameters, is_norm, targets_for
 from speft_bench.schemas import ConfigError, SpsftSchema, TaskKind
 
@@ -72,6 +73,9 @@ class SPSFT(Method):
         if IMPORTANCE[metric].classification_only and (task.kind is not TaskKind.glue or task.is_regression):
             raise ConfigError(f"metric={metric} ranks neurons per label and needs a classification task; "
                               f"task={task.name} is not one (use metric=taylor or metric=l2)")
+        if typed["method"].calibration_mode != "eval" and not IMPORTANCE[metric].needs_data:
+            raise ConfigError(f"metric={metric} is data-free, so method.calibration_mode="
+                              f"{typed['method'].calibration_mode} would be ignored (leave it at eval)")
 
     def prepare(self, model: nn.Module, ctx: MethodContext) -> Prepared:
         spec, metric = ctx.typed["method"], ctx.typed["metric"]
@@ -83,7 +87,7 @@ class SPSFT(Method):
         batches = []
         if IMPORTANCE[metric.name].needs_data:
             batches = ctx.calibration_batches(0, spec.calibration_examples, spec.calibration_batch_size)
-            options["calibration_micro_batch"] = spec.calibration_micro_batch
+            options |= {"calibration_micro_batch": spec.calibration_micro_batch, "mode": spec.calibration_mode}
         scores = neuron_importance(metric.name, model, {n: m.weight for n, m in targets.items()}, batches, **options)
         rows = {name: top_rows(scores[name], budget[name]) for name in targets}
         calibration = {"importance_s": round(time.perf_counter() - start, 3),
@@ -104,5 +108,14 @@ class SPSFT(Method):
         }
         info["trainable"]["total"] = sum(info["trainable"].values())
         metadata = {"model": ctx.typed["model"].name, "targets": [info["targets"]["pattern"]], "metric": metric.name,
-                    "rows_per_layer": info["rows_per_layer"]}  # trained norms and head live in merged exports only
-        return Prepared(model, info, save=lambda path: save_adapter(path, model, metadata))
+                    "rows_per_layer": info["rows_per_layer"]}
+
+        def save(run_dir):
+            return {"path": FILE, "format": ADAPTER_FORMAT, "numel": save_adapter(run_dir / FILE, model, metadata)}
+
+        return Prepared(model, info, save=save)
+
+    @classmethod
+    def load(cls, model, run_dir, typed):
+        load_adapter(run_dir / FILE, model, model_id=typed["model"].name)
+        return model

@@ -9,6 +9,8 @@ calibration loss with respect to it:
 * ``qm_taylor``: η_i^t = the Taylor score on the calibration examples of label t (eq. 6), then the
                  mean of the 0 %, 10 %, …, 100 % quantiles of {η_i^t}_t over labels (eq. 7).
 
+The data-driven ones run the model in eval mode (``mode="train"``, ``method.calibration_mode``: dropout on).
+
 Eq. 6 writes η_i^t as |wᵀ∇L|; like appendix A (and Torch-Pruning, which the paper builds on) the
 absolute value is taken per weight before summing, so ``qm_taylor`` averages exactly the ``taylor``
 scores of the classes.  The metrics are registered in ``IMPORTANCE`` under their ``metric.name``.
@@ -100,17 +102,18 @@ def l2(model: nn.Module, weights: dict[str, Tensor], batches: list[dict]) -> Sco
 
 @register("taylor", needs_data=True)
 def taylor(model: nn.Module, weights: dict[str, Tensor], batches: list[dict],
-           calibration_micro_batch: int | None = None) -> Scores:
+           calibration_micro_batch: int | None = None, mode: str = "eval") -> Scores:
     # float32 mean gradients (one W), turned into row scores in place and freed one layer at a time
-    grads = mean_gradients(model, weights, batches, calibration_micro_batch)
+    grads = mean_gradients(model, weights, batches, calibration_micro_batch, mode=mode)
     return {name: row_taylor(w, grads.pop(name)) for name, w in weights.items()}
 
 
 @register("qm_taylor", needs_data=True, classification_only=True)
 def qm_taylor(model: nn.Module, weights: dict[str, Tensor], batches: list[dict], quantiles: int = 11,
-              calibration_micro_batch: int | None = None) -> Scores:
+              calibration_micro_batch: int | None = None, mode: str = "eval") -> Scores:
     # one label at a time: only (d_out,) scores per label are kept, never a gradient per label
-    per_label = [taylor(model, weights, group, calibration_micro_batch) for group in split_by_label(batches).values()]
+    per_label = [taylor(model, weights, group, calibration_micro_batch, mode)
+                 for group in split_by_label(batches).values()]
     return {name: quantile_mean(torch.stack([s[name] for s in per_label]), quantiles) for name in weights}
 
 

@@ -2,7 +2,8 @@
 
 An adapter file (``speft_bench.adapters``) holds, per wrapped layer, ``<name>.rows`` (r,) int64
 output-row indices and ``<name>.delta`` (r, d_in) floats, plus JSON metadata (model id, targets,
-metric, …) under the ``spsft-row-delta/1`` format marker.  ``load_adapter`` checks every layer
+metric, …) under the ``spsft-row-delta/2`` format marker, and the dense tensors (head, trained norms:
+``speft_bench.adapters``).  ``load_adapter`` checks every layer
 against the model before touching it, so a bad file never half-applies.
 """
 
@@ -16,9 +17,13 @@ from torch import Tensor, nn
 
 from speft_bench.adapters import (
     AdapterError,
+    apply_dense,
     base_linear,
+    checked_dense,
     check_origin,
+    dense_tensors,
     layer_names,
+    numel_of,
     modules_of_type,
     read_adapter,
     submodule,
@@ -27,7 +32,7 @@ from speft_bench.adapters import (
 )
 from speft_bench.methods.spsft.layer import RowDeltaLinear, rows_problem
 
-ADAPTER_FORMAT = "spsft-row-delta/1"
+ADAPTER_FORMAT = "spsft-row-delta/2"  # /1 held no head nor trained norms: not the trained model
 _PARTS = (".rows", ".delta")
 
 
@@ -63,8 +68,9 @@ def detach_row_deltas(model: nn.Module, merge: bool) -> dict[str, nn.Linear]:
     return restored
 
 
-def save_adapter(path: str | Path, model: nn.Module, metadata: dict[str, Any]) -> None:
-    """Write every attached layer's rows and delta, and ``metadata`` (JSON-encoded per key)."""
+def save_adapter(path: str | Path, model: nn.Module, metadata: dict[str, Any]) -> dict[str, int]:
+    """Write every attached layer's rows and delta, the dense tensors and ``metadata`` (JSON-encoded per key);
+    return the number of values per kind of tensor (for the record)."""
     layers = row_deltas(model)
     if not layers:
         raise ValueError("save_adapter: the model has no RowDeltaLinear layers")
@@ -72,7 +78,10 @@ def save_adapter(path: str | Path, model: nn.Module, metadata: dict[str, Any]) -
     for name, layer in layers.items():
         tensors[f"{name}.rows"] = layer.rows.contiguous()
         tensors[f"{name}.delta"] = layer.delta.detach().contiguous()
-    write_adapter(path, tensors, metadata, ADAPTER_FORMAT)
+    dense = dense_tensors(model, RowDeltaLinear)
+    write_adapter(path, tensors, metadata, ADAPTER_FORMAT, dense)
+    return {"row_deltas": sum(layer.delta.numel() for layer in layers.values()),
+            "dense": numel_of(dense)}
 
 
 def load_adapter(path: str | Path, model: nn.Module, *, model_id: str | None = None,
@@ -80,20 +89,23 @@ def load_adapter(path: str | Path, model: nn.Module, *, model_id: str | None = N
     """Attach the adapter at ``path`` to ``model`` (or reset already attached layers); return its metadata.
 
     Raises ``AdapterError`` naming the problem for an unreadable file, a foreign or malformed one,
-    layers that are not linears of ``model``, invalid rows or deltas, or metadata that disagrees with
-    ``model_id``/``targets`` when those are given.  The model is unchanged when it raises.
+    layers that are not linears of ``model``, invalid rows or deltas, dense tensors that are not
+    parameters of ``model``, or metadata that disagrees with ``model_id``/``targets`` when those are
+    given.  The model is unchanged when it raises.  Deltas and dense tensors keep the file's dtype.
     """
-    metadata, tensors = read_adapter(path, ADAPTER_FORMAT, "spsft row-delta")
+    metadata, tensors, dense = read_adapter(path, ADAPTER_FORMAT, "spsft row-delta")
     check_origin(path, metadata, model_id, targets)
     deltas = {name: _checked_layer(path, model, name, tensors) for name in layer_names(path, tensors, _PARTS)}
+    params = checked_dense(path, model, dense)
     for name, (rows, delta) in deltas.items():
         layer = model.get_submodule(name)
         if isinstance(layer, RowDeltaLinear):
             layer.set_rows(rows)
         else:
             layer = attach_row_deltas(model, {name: rows})[name]
-        with torch.no_grad():
-            layer.delta.copy_(delta[rows.argsort()])  # set_rows stores rows sorted; delta rows follow
+        # set_rows stores rows sorted; delta rows follow
+        layer.delta.data = delta[rows.argsort()].to(layer.delta.device)
+    apply_dense(params)
     return metadata
 
 
@@ -112,4 +124,4 @@ def _checked_layer(path: str | Path, model: nn.Module, name: str, tensors: dict[
                            f"got {tuple(delta.shape)}")
     if not torch.isfinite(delta).all():
         raise AdapterError(f"{where}: delta contains NaN or inf")
-    return rows.long(), delta  # copy_ casts it to the layer's delta dtype
+    return rows.long(), delta
