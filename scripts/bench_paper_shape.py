@@ -60,7 +60,7 @@ VARIANTS = {
     "full": ("method=full",),
 }
 PAPER = Path(__file__).resolve().parent.parent / "results" / "paper" / "spsft_table7.csv"
-PAPER_ROWS = {"lora": "LoRA, r = 64", "dora": "DoRA, r = 64", "spsft": "SPSFT, r = 128",
+PAPER_ROWS = {"lora_dropout0.1": "LoRA, r = 64", "dora": "DoRA, r = 64", "spsft": "SPSFT, r = 128",  # the paper: dropout 0.1
               "fa_lora": "FA-LoRA, r = 64", "fa_spsft": "FA-SPSFT, r = 128"}
 PAPER_MODELS = {"llama2_7b": "Llama2(7B)", "llama3_8b": "Llama3(8B)"}
 
