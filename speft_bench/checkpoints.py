@@ -40,7 +40,9 @@ from torch import nn
 
 from speft_bench import records
 from speft_bench.methods.speft.layer import SparseDeltaLinear
+from speft_bench.methods.speft.model import sparse_deltas
 from speft_bench.methods.spsft.layer import RowDeltaLinear
+from speft_bench.methods.spsft.model import row_deltas
 from speft_bench.schemas import ConfigError
 
 log = logging.getLogger(__name__)
@@ -74,10 +76,9 @@ class Position:
 def model_state(model: nn.Module) -> dict[str, Any]:
     """The trainable parameters by name, and each sparse layer's selection (and W entries merged under
     earlier masks): what training changed in ``model`` since ``prepare()``."""
-    sparse = {name: {"indices": m.indices, "base_touched": m.base_touched,
-                     "base_weight": m.base.weight.detach().reshape(-1)[m.base_touched]}
-              for name, m in model.named_modules() if isinstance(m, SparseDeltaLinear)}
-    rows = {name: m.rows for name, m in model.named_modules() if isinstance(m, RowDeltaLinear)}
+    sparse = {name: {"indices": m.indices, "base_touched": m.base_touched, "base_weight": m.merged_entries()}
+              for name, m in sparse_deltas(model).items()}
+    rows = {name: m.rows for name, m in row_deltas(model).items()}
     params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
     return {"parameters": params, "sparse_deltas": sparse, "row_deltas": rows}
 
@@ -91,9 +92,7 @@ def load_model_state(model: nn.Module, state: dict[str, Any], where: Path) -> No
         if not isinstance(layer, SparseDeltaLinear):
             raise CheckpointError(f"{where}: layer {name!r} is not a sparse delta of this model")
         layer.set_mask(part["indices"])  # the first mask prepare() chose may differ (a refresh, or GPU ties)
-        touched = part["base_touched"].to(layer.base_touched.device)
-        layer.base.weight.view(-1)[touched] = part["base_weight"].to(layer.base.weight)
-        layer.base_touched = touched
+        layer.restore_merged_entries(part["base_touched"], part["base_weight"])
     for name, rows in state["row_deltas"].items():
         layer = modules.get(name)
         if not isinstance(layer, RowDeltaLinear):

@@ -15,6 +15,7 @@ from peft import LoraConfig, PeftModel, TaskType, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
+from speft_bench.adapters import numel_of
 from speft_bench.methods import METHODS, Method, MethodContext, Prepared, freeze_all_but
 from speft_bench.models import head_parameters, targets_for
 from speft_bench.schemas import LoraInit
@@ -35,7 +36,7 @@ def save_peft_adapter(model, config: LoraConfig, folder) -> dict[str, int]:
     saved.save_pretrained(folder)
     tensors = {PEFT_PREFIX + name: t.detach().contiguous() for name, t in (adapter | head).items()}
     save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
-    return {"adapter": sum(t.numel() for t in adapter.values()), "dense": sum(p.numel() for p in head.values())}
+    return {"adapter": numel_of(adapter), "dense": numel_of(head)}
 
 
 @METHODS.register("lora", "pissa", "dora")

@@ -245,6 +245,17 @@ class SparseDeltaLinear(nn.Module):
         self.values.add_(merged)
         self._merged = None
 
+    def merged_entries(self) -> Tensor:
+        """W's values at ``base_touched``: what an adapter or a checkpoint keeps of earlier masks' merges."""
+        return self.base.weight.detach().view(-1)[self.base_touched]
+
+    @torch.no_grad()
+    def restore_merged_entries(self, positions: Tensor, weight: Tensor) -> None:
+        """Set W at flat ``positions`` to ``weight`` (``merged_entries`` of the trained layer), bit for bit."""
+        positions = positions.to(self.base_touched.device, torch.int64)
+        self.base.weight.view(-1)[positions] = weight.to(self.base.weight)
+        self.base_touched = positions
+
     @torch.no_grad()
     def delta_dense(self) -> Tensor:
         """Δ as a dense (d_out, d_in) tensor (for tests and inspection)."""

@@ -94,7 +94,7 @@ def save_adapter(path: str | Path, model: nn.Module, metadata: dict[str, Any]) -
         tensors[f"{name}.values"] = layer.values.detach().contiguous()
         if layer.base_changed:
             tensors[f"{name}.base_indices"] = layer.base_touched
-            tensors[f"{name}.base_weight"] = layer.base.weight.detach().view(-1)[layer.base_touched]
+            tensors[f"{name}.base_weight"] = layer.merged_entries()
     dense = dense_tensors(model, SparseDeltaLinear)
     write_adapter(path, tensors, metadata, ADAPTER_FORMAT, dense)
     return {"sparse_values": sum(layer.k for layer in layers.values()),
@@ -126,9 +126,7 @@ def load_adapter(path: str | Path, model: nn.Module, *, model_id: str | None = N
         with torch.no_grad():
             layer.values.data = values[indices.argsort()].to(layer.values.device)  # set_mask sorted the indices
             if name in bases:
-                positions, weight = bases[name]
-                layer.base.weight.view(-1)[positions] = weight.to(layer.base.weight)
-                layer.base_touched = positions.to(layer.base_touched.device)
+                layer.restore_merged_entries(*bases[name])
     apply_dense(params)
     return metadata
 
