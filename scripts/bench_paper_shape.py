@@ -38,11 +38,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import MMAP, OUT, harness_config, machine, reset_peak, rss_mb, shira, supertuning  # noqa: E402
+from bench import (MMAP, OUT, attach_harness_method, attach_peft_only, harness_config, machine,  # noqa: E402
+                   reset_peak, rss_mb)
 
 FULL_DEPTH = {"llama2_7b": 32, "llama3_8b": 32}
 # variant -> harness overrides (the budget: LoRA r = 64 on all seven linears, SPSFT r = 128 = 2R, as Table 7),
-# or a peft-only builder at rank 64 (Super-Tuning and SHiRA match LoRA r = 64's count on the same linears)
+# or "peft": bench.PEFT_ONLY's variant at rank 64 (Super-Tuning and SHiRA match LoRA r = 64's count on the same linears)
 LORA64 = ("method.r=64", "method.alpha=16", "method.dropout=0.0")
 VARIANTS = {
     "floor": None,  # no method: the frozen body's forward + backward (input embeddings require grad)
@@ -55,8 +56,8 @@ VARIANTS = {
     "spsft": ("method=spsft", "metric=l2", "method.r=128"),
     "fa_lora": ("method=lora", *LORA64, "method.targets=mlp"),
     "fa_spsft": ("method=spsft", "metric=l2", "method.r=128", "method.targets=mlp"),
-    "supertuning": supertuning,
-    "shira": shira,
+    "supertuning": "peft",
+    "shira": "peft",
     "full": ("method=full",),
 }
 PAPER = Path(__file__).resolve().parent.parent / "results" / "paper" / "spsft_table7.csv"
@@ -100,7 +101,6 @@ def build(args):
     """(model, typed train spec, device): the shape cut to ``args.layers`` blocks, the variant attached."""
     from speft_bench import precision
     from speft_bench.device import resolve_device
-    from speft_bench.methods import METHODS, MethodContext
     from speft_bench.models import load_causal_lm, targets_for
     from speft_bench.schemas import TargetScope
 
@@ -112,16 +112,11 @@ def build(args):
     torch.manual_seed(0)
     model = load_causal_lm(typed["model"], None, precision.body_dtype(args.precision), str(device))
     if isinstance(spec, tuple):
-        ctx = MethodContext(cfg, typed, calibration_batches=lambda *_: [])  # data-free metrics only
-        model = METHODS[typed["method"].name]().prepare(model, ctx).model
+        model = attach_harness_method(model, cfg, typed)  # METHODS[method.name]().prepare, data-free metrics
+    elif spec == "peft":  # a peft-only variant on all seven linears
+        model = attach_peft_only(model, args.variant, 64, targets_for(model, typed["model"], TargetScope.all))
     else:
         model.requires_grad_(False)
-        if spec is not None:  # a peft-only variant on all seven linears
-            targets = targets_for(model, typed["model"], TargetScope.all)
-            builder = spec(64)
-            model = builder(model, targets, typed["model"])
-            for name, p in model.named_parameters():
-                p.requires_grad_(any(k in name for k in ("supertuning_", "shira_")) or name.endswith("values"))
     precision.setup(model, typed["train"])
     if args.variant != "full":
         model.enable_input_require_grads()  # the gradient flows through every block, as for any in-body method

@@ -30,10 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import OUT, harness_config, machine  # noqa: E402  (scripts/ is not a package)
 
 from speft_bench.masking import LOCAL_SPLITS, lora_param_count, select_mask  # noqa: E402
-from speft_bench.methods.speft import budget  # noqa: E402
+from speft_bench.methods.speft.method import budget  # noqa: E402
 from speft_bench.models import targets_for  # noqa: E402
 from speft_bench.run import calibration_sampler, load_base, seed_everything  # noqa: E402
-from speft_bench.salience import calibration_sets, compute_salience  # noqa: E402
+from speft_bench.salience.base import calibration_sets, compute_salience  # noqa: E402
 
 VARIANT_METRICS = ("grasp", "synflow", "fisher")
 

@@ -24,8 +24,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from speft_bench import records  # noqa: E402
-from speft_bench.schemas import PROJECT_ROOT, register_schemas  # noqa: E402
+from speft_bench import PROJECT_ROOT, records  # noqa: E402
+from speft_bench.config import register_schemas  # noqa: E402
 
 def _dynamic(config: dict[str, Any]) -> bool:
     return bool(config.get("masking", {}).get("dynamic")) and config.get("method", {}).get("name") == "speft"

@@ -39,11 +39,11 @@ import torch
 from torch import nn
 
 from speft_bench import records
+from speft_bench.errors import ConfigError
 from speft_bench.methods.speft.layer import SparseDeltaLinear
 from speft_bench.methods.speft.model import sparse_deltas
 from speft_bench.methods.spsft.layer import RowDeltaLinear
 from speft_bench.methods.spsft.model import row_deltas
-from speft_bench.schemas import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from speft_bench.schemas import ConfigError
+from speft_bench.errors import ConfigError
 
 
 def resolve_device(name: str) -> torch.device:

@@ -54,14 +54,18 @@ from torch import nn
 
 from speft_bench import precision
 from speft_bench.adapters import wrap_linears
+from speft_bench.config import validate
+from speft_bench.errors import ConfigError
 from speft_bench.masking import local_budgets
-from speft_bench.methods import METHODS, MethodContext, Prepared, freeze_all_but
-from speft_bench.methods.speft import budget as speft_budget
-from speft_bench.methods.speft import budget_rule
+from speft_bench.methods import METHODS
+from speft_bench.methods.base import MethodContext, Prepared, freeze_all_but
+from speft_bench.methods.lora.config import LoraInit
 from speft_bench.methods.speft.layer import SparseDeltaLinear
-from speft_bench.methods.spsft import attach_trainable_rows, rows_per_layer
+from speft_bench.methods.speft.method import budget as speft_budget
+from speft_bench.methods.speft.method import budget_rule
+from speft_bench.methods.spsft.method import attach_trainable_rows, rows_per_layer
 from speft_bench.models import head_parameters, is_norm, parameter_counts, resolve_pretrained, targets_for
-from speft_bench.schemas import ConfigError, LoraInit, ModelInit, validate
+from speft_bench.schemas import ModelInit
 from speft_bench.tasks import TASK_KINDS
 
 GIB = 1024 ** 3

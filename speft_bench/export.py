@@ -21,8 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from speft_bench import precision, records
-from speft_bench.schemas import PROJECT_ROOT, ConfigError, register_schemas, validate
+from speft_bench import PROJECT_ROOT, precision, records
+from speft_bench.config import register_schemas, validate
+from speft_bench.errors import ConfigError
 
 GROUPS = ("model", "task", "method", "metric", "masking")  # config groups chosen by name
 

@@ -24,7 +24,8 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from speft_bench.schemas import ConfigError, ModelInit, ModelSchema, TaskSchema, TargetScope
+from speft_bench.errors import ConfigError
+from speft_bench.schemas import ModelInit, ModelSchema, TaskSchema, TargetScope
 
 # Top-level modules that form a sequence-classification head in transformers
 # (BERT/RoBERTa/MiniLM: classifier; OPT/Llama: score; DeBERTa: pooler + classifier).

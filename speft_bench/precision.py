@@ -31,7 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from speft_bench.schemas import PRECISIONS, ConfigError, TrainSchema
+from speft_bench.errors import ConfigError
+from speft_bench.schemas import PRECISIONS, TrainSchema
 
 BODY_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16-mixed": torch.float32}
 

@@ -18,8 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from speft_bench import cluster
-from speft_bench.schemas import PROJECT_ROOT
+from speft_bench import PROJECT_ROOT, cluster
 
 RECORD_NAME = "record.json"
 TRACKED_PACKAGES = ("speft-bench", "torch", "transformers", "peft", "datasets", "hydra-core", "omegaconf",

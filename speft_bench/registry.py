@@ -1,7 +1,8 @@
 """Name → object registries, so that a config value selects code without if-chains.
 
-A metric or a method is added in two files: its module (which registers itself with
-``@REGISTRY.register("name")``) and its YAML (whose ``name`` field matches).
+A metric or a method is added as its module (which registers itself with ``@REGISTRY.register("name")``)
+and its YAML (whose ``name`` field matches); one with options also registers its schema, in a
+``config.py`` beside it, with ``speft_bench.schemas.register_schema`` (``speft_bench/config.py``).
 """
 
 from __future__ import annotations

@@ -25,13 +25,15 @@ from transformers import get_linear_schedule_with_warmup
 from speft_bench import cluster, precision, records
 from speft_bench.batches import loss_terms, to_device, weighted_pieces
 from speft_bench.checkpoints import Checkpoints, Position, latest, set_rng_state
+from speft_bench.config import validate
 from speft_bench.device import device_record, reset_peak_memory, resolve_device
-from speft_bench.errors import NonFiniteError
+from speft_bench.errors import ConfigError, NonFiniteError
 from speft_bench.loggers import RunLogger
-from speft_bench.methods import METHODS, MethodContext
+from speft_bench.methods import METHODS
+from speft_bench.methods.base import MethodContext
 from speft_bench.models import load_tokenizer, parameter_counts, resolve_pretrained
 from speft_bench.progress import progress
-from speft_bench.schemas import ConfigError, TrainSchema, validate
+from speft_bench.schemas import TrainSchema
 from speft_bench.tasks import TASK_KINDS
 
 log = logging.getLogger(__name__)

@@ -31,7 +31,7 @@ import pandas as pd
 import yaml
 
 from speft_bench.records import RECORD_NAME
-from speft_bench.schemas import PROJECT_ROOT
+from speft_bench import PROJECT_ROOT
 
 TABLES_CONF = PROJECT_ROOT / "conf" / "tables"
 PAPER_DIR = PROJECT_ROOT / "results" / "paper"
@@ -180,13 +180,31 @@ def is_result(config: dict[str, Any], record: dict[str, Any]) -> bool:
     return False
 
 
-def summarise(records: list[dict[str, Any]], metric: str) -> dict[str, Any]:
-    """``{status, mean, std, n}`` of ``metric``×100 over seeds; a later record replaces an earlier one of its seed.
+def runs_by_seed(records: list[dict[str, Any]]) -> dict[Any, dict[str, Any]]:
+    """``{seed: record}``: a later record replaces an earlier one of its seed.
 
     An ``interrupted`` record (stopped by a signal after a checkpoint) is a run still to finish, not a result.
     """
     finished = (r for r in records if r.get("status") != "interrupted")
-    runs = list({r["config"].get("train", {}).get("seed"): r for r in finished}.values())
+    return {r["config"].get("train", {}).get("seed"): r for r in finished}
+
+
+def result_configs(spec: TableSpec, records: Iterable[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """``(flattened config, record)`` of every record of ``spec.model`` that is a result (`is_result`)."""
+    return [(config, r) for r in records
+            if (config := _flatten(r["config"])).get("model.name") == spec.model and is_result(config, r)]
+
+
+def cell_records(spec: TableSpec, row: Row, col: Column, flat: list[tuple[dict[str, Any], dict[str, Any]]]) -> list[dict]:
+    """The records of one cell (``flat``: `result_configs`); they must be one setting (`_one_setting`)."""
+    chosen = [(config, r) for config, r in flat if matches(config, {"task.name": col.task} | row.select)]
+    _one_setting([c for c, _ in chosen], f"table {spec.name}, row {row.label!r}, column {col.label!r}")
+    return [r for _, r in chosen]
+
+
+def summarise(records: list[dict[str, Any]], metric: str) -> dict[str, Any]:
+    """``{status, mean, std, n}`` of ``metric``×100 over seeds (`runs_by_seed`)."""
+    runs = list(runs_by_seed(records).values())
     if not runs:
         return {"status": "missing", "mean": math.nan, "std": math.nan, "n": 0}
     if any(r.get("status") != "completed" for r in runs):
@@ -215,14 +233,11 @@ def build_table(spec: TableSpec, records: Iterable[dict[str, Any]], paper: pd.Da
     Columns: row, column, status ("ok" | "failed" | "missing"), mean, std, n (seeds), paper (published
     number), diff (ours − paper), best (bold), wins (the row's "#").
     """
-    flat = [(config, r) for r in records
-            if (config := _flatten(r["config"])).get("model.name") == spec.model and is_result(config, r)]
+    flat = result_configs(spec, records)
     lines = []
     for row in spec.rows:
         for col in spec.columns:
-            chosen = [(config, r) for config, r in flat if matches(config, {"task.name": col.task} | row.select)]
-            _one_setting([c for c, _ in chosen], f"table {spec.name}, row {row.label!r}, column {col.label!r}")
-            lines.append({"row": row.label, "column": col.label, **summarise([r for _, r in chosen], col.metric),
+            lines.append({"row": row.label, "column": col.label, **summarise(cell_records(spec, row, col, flat), col.metric),
                           "paper": paper_value(paper, row.paper, col.paper)})
     table = pd.DataFrame(lines)
     table = pd.concat([table, pd.DataFrame([_average(g) for _, g in table.groupby("row", sort=False)])],

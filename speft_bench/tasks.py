@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
+from speft_bench.errors import ConfigError
 from speft_bench.registry import Registry
-from speft_bench.schemas import ConfigError, Family, PathsSchema, TrainSchema
+from speft_bench.schemas import Family, PathsSchema, TrainSchema
 
 
 @dataclass
@@ -37,7 +38,7 @@ class Kind:
 
     @classmethod
     def check(cls, typed: dict[str, Any]) -> None:
-        """Cross-group rules, run by ``schemas.validate`` before anything loads."""
+        """Cross-group rules that need code registries, run by ``config.validate`` before anything loads."""
 
     def load_model(self, model_spec, source: str, tokenizer, dtype: torch.dtype) -> torch.nn.Module:
         raise NotImplementedError

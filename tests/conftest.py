@@ -21,7 +21,7 @@ from pathlib import Path  # noqa: E402  (after the environment is set)
 import pytest  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from speft_bench.schemas import register_schemas  # noqa: E402
+from speft_bench.config import register_schemas  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
@@ -97,8 +97,9 @@ def prepare_method(model, overrides, batch):
     """The method of ``compose_config(*overrides)`` attached to ``model``; calibration batches are
     ``batch`` split as the method asks.  Returns (model, typed train spec)."""
     from speft_bench.batches import micro_batches
-    from speft_bench.methods import METHODS, MethodContext
-    from speft_bench.schemas import validate
+    from speft_bench.config import validate
+    from speft_bench.methods import METHODS
+    from speft_bench.methods.base import MethodContext
 
     cfg = compose_config(*overrides)
     typed = validate(cfg)

@@ -152,7 +152,8 @@ def test_lora_stopped_then_killed_resumes_from_the_latest_checkpoint(tmp_path, m
 
 
 def test_checkpoint_every_must_be_positive():
-    from speft_bench.schemas import ConfigError, validate
+    from speft_bench.config import validate
+    from speft_bench.errors import ConfigError
 
     with pytest.raises(ConfigError, match="train.checkpoint_every must be > 0, got 0"):
         validate(compose_config("method=lora", "task=mrpc", "train.checkpoint_every=0"))

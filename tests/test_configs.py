@@ -1,13 +1,18 @@
 """Every option of every config group composes and validates; bad values fail before a model loads."""
 
+import dataclasses
+import inspect
 import subprocess
 import sys
 import time
 
 import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf import OmegaConf
 
-from speft_bench.schemas import ConfigError, validate
+from speft_bench.config import register_schemas, validate
+from speft_bench.errors import ConfigError
+from speft_bench.schemas import SCHEMAS
 
 from conftest import CONF, ROOT, compose_config
 
@@ -236,3 +241,67 @@ def test_cli_lists_allowed_tasks_for_an_unknown_task():
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "Could not find 'task/mrcp'" in done.stderr and "mrpc" in done.stderr
+
+
+# The entry point (python -m speft_bench), run in-process so that the modules it imported can be read
+# once it exits; argv: the overrides.
+ENTRY_POINT = """
+import runpy, sys
+sys.argv[0] = "speft_bench"
+try:
+    runpy.run_module("speft_bench", run_name="__main__", alter_sys=True)
+finally:
+    print(f"torch imported: {'torch' in sys.modules}", file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize(("overrides", "code", "message"), [
+    (["method=speft", "metric=gradient", "method.lora_rank=0"], 2, "method.lora_rank must be > 0, got 0"),  # a range
+    (["method=lora", "train.lr=abc"], 1, "'abc' of type 'str' could not be converted to Float"),  # a type
+    (["method=speft", "metric=fisher", "metric.variant=reference", "task=stsb"], 2,  # a cross-group rule
+     "metric=fisher metric.variant=reference makes each label a token type"),
+], ids=["range", "type", "cross-group"])
+def test_a_bad_override_fails_before_torch_loads(tmp_path, overrides, code, message):
+    done = subprocess.run([sys.executable, "-c", ENTRY_POINT, "task=mrpc", *overrides, f"paths.output_dir={tmp_path}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = done.stdout + done.stderr
+    assert done.returncode == code, out
+    assert message in out
+    assert "torch imported: False" in out
+
+
+# What every metric function takes from the method, not from its metric's schema (SPEFT.prepare, SPSFT.prepare).
+METHOD_OPTIONS = {"calibration_micro_batch", "offload", "mode"}
+
+
+def metric_functions() -> dict:
+    """metric.name -> its function: SPEFT's salience metrics and SPSFT's neuron importance."""
+    from speft_bench.methods.spsft.importance import IMPORTANCE
+    from speft_bench.salience import SALIENCE_METRICS
+
+    assert not set(SALIENCE_METRICS) & set(IMPORTANCE)
+    return {name: SALIENCE_METRICS[name] for name in SALIENCE_METRICS} | {name: IMPORTANCE[name].score
+                                                                            for name in IMPORTANCE}
+
+
+def test_a_metric_schema_is_its_functions_keyword_options():
+    """Fields (but the name) and defaults of a metric's schema are the keyword options of its function;
+    a metric without a schema of its own (MetricSchema) takes none."""
+    register_schemas()
+    functions, schemas = metric_functions(), SCHEMAS["metric"]
+    assert set(schemas) - {"metric"} <= set(functions)  # no schema of a metric that does not exist
+    for name, function in functions.items():
+        schema = schemas.get(name, schemas["metric"])
+        fields = {f.name: f.default for f in dataclasses.fields(schema) if f.name != "name"}
+        keywords = list(inspect.signature(function).parameters.values())[3:]  # after (model, weights, batches)
+        options = {p.name: p.default for p in keywords if p.kind is not p.VAR_KEYWORD and p.name not in METHOD_OPTIONS}
+        assert fields == options, f"metric={name}: schema {schema.__name__} has {fields}, the function takes {options}"
+
+
+@pytest.mark.parametrize(("group", "option"), [(g, o) for g in ("method", "metric") for o in options(g)])
+def test_a_method_or_metric_yaml_resolves_to_its_registered_schema(group, option):
+    """The schema a YAML composes to is registered, and is the one registered under its name if any."""
+    cfg = compose_config(*partners(group, option), f"{group}={option}")
+    schema, registered = OmegaConf.get_type(cfg[group]), SCHEMAS[group]
+    assert schema in registered.values()
+    assert registered.get(cfg[group].name, schema) is schema

@@ -10,9 +10,12 @@ import torch
 import yaml
 
 from speft_bench import dry_run as dr
+from speft_bench.config import validate
+from speft_bench.methods.lora.config import LoraSchema
+from speft_bench.methods.speft.config import SpeftSchema
+from speft_bench.methods.spsft.config import SpsftSchema
 from speft_bench.models import build_model, package_path
-from speft_bench.schemas import (Family, LoraSchema, MethodSchema, MetricSchema, ModelInit, ModelSchema, SpeftSchema,
-                                 SpsftSchema, validate)
+from speft_bench.schemas import Family, MethodSchema, MetricSchema, ModelInit, ModelSchema
 
 from conftest import CONF, compose_config
 

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from speft_bench import export
-from speft_bench.methods import METHODS, MethodContext
+from speft_bench.config import validate
+from speft_bench.methods import METHODS
+from speft_bench.methods.base import MethodContext
 from speft_bench.run import run
-from speft_bench.schemas import validate
 
 from conftest import compose_config
 

@@ -7,9 +7,9 @@ import time
 import pytest
 import torch
 
+from speft_bench.errors import ConfigError
 from speft_bench.models import ModelSourceError
 from speft_bench.run import run
-from speft_bench.schemas import ConfigError
 from speft_bench.tasks import Glue
 
 from conftest import compose_config

@@ -2,14 +2,16 @@
 
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from speft_bench.data.glue import load_glue, read_tsv
+from speft_bench.config import validate
+from speft_bench.data.glue import load_glue
+from speft_bench.data.sources import default_data_root, glue_rows, load_source, tsv_records
 from speft_bench.evaluation.glue import glue_scores, majority_baseline
 from speft_bench.models import ModelSourceError
-from speft_bench.schemas import validate
 
 from conftest import ROOT, compose_config
 
@@ -66,7 +68,53 @@ def test_read_tsv_reports_missing_columns(tmp_path):
     bad = tmp_path / "train.tsv"
     bad.write_text("a\tb\nx\ty\n")
     with pytest.raises(ValueError, match=r"columns \['#1 String', '#2 String', 'Quality'\] not in"):
-        read_tsv(task_spec("mrpc"), bad)
+        glue_rows(task_spec("mrpc"), bad)
+
+
+def test_tsv_reader_skips_malformed_lines_as_the_glue_release_needs(tmp_path):
+    # too many fields: skipped (a few QQP/MNLI lines); too few: padded with ""; blank lines skipped;
+    # a byte-order mark (MRPC) is not part of the first name; quotes are text
+    path = tmp_path / "train.tsv"
+    path.write_text('\ufeffa\tb\tc\n1\t"2\t3\n4\t5\t6\t7\n\n   \n8\t9\n', encoding="utf-8")
+    assert tsv_records(path) == [{"a": "1", "b": '"2', "c": "3"}, {"a": "8", "b": "9", "c": ""}]
+    assert tsv_records(path, ["x", "y", "z"])[1:] == [{"x": "1", "y": '"2', "z": "3"}, {"x": "8", "y": "9", "z": ""}]
+
+
+def test_glue_rte_and_the_lm_eval_rte_source_read_the_same_rows():
+    rows = load_source("rte", DATA_ROOT)[0]["validation"]
+    dev = load_glue(task_spec("rte"), DATA_ROOT)["dev"]
+    assert (rows["sentence1"], rows["sentence2"], rows["label"]) == (dev.text_a, dev.text_b, dev.labels)
+
+
+def test_a_missing_glue_file_fails_offline_as_every_source_does(tmp_path):
+    """One loader, one error: the GLUE task's names the task, the files looked for and both ways out."""
+    def message(load) -> str:
+        with pytest.raises(ModelSourceError) as caught:
+            load()
+        return str(caught.value)
+
+    (tmp_path / "glue" / "RTE").mkdir(parents=True)
+    (tmp_path / "glue" / "RTE" / "dev.tsv").write_text("index\tsentence1\tsentence2\tlabel\n")
+    root = tmp_path.resolve()
+    form = ("{what}: missing {files} below the data root {root}{note}, and the hub is unreachable (offline). "
+            "Put the files there (set paths.data_root or SPEFT_DATA_ROOT), or run online to load {hub}")
+    assert message(lambda: load_glue(task_spec("rte"), tmp_path)) == form.format(
+        what="task=rte", files=[str(root / "glue/RTE/train.tsv")], root=tmp_path,
+        note=" (the original GLUE release layout)", hub="nyu-mll/glue/rte")
+    assert message(lambda: load_source("gsm8k", tmp_path)) == form.format(
+        what="gsm8k", files=[str(root / "gsm8k/train.jsonl"), str(root / "gsm8k/test.jsonl")], root=tmp_path,
+        note="", hub="openai/gsm8k/main")
+
+
+def test_default_data_root_is_the_composed_paths_data_root(monkeypatch):
+    """conf/paths/default.yaml is the one place the default lives; SPEFT_DATA_ROOT overrides both."""
+    def composed() -> Path:
+        return Path(compose_config("task=rte", "method=full").paths.data_root)
+
+    monkeypatch.delenv("SPEFT_DATA_ROOT", raising=False)
+    assert default_data_root() == composed() == ROOT / ".." / "shared" / "data"
+    monkeypatch.setenv("SPEFT_DATA_ROOT", "/elsewhere/data")
+    assert default_data_root() == composed() == Path("/elsewhere/data")
 
 
 def test_metrics_match_hand_computed_values():

@@ -7,13 +7,13 @@ import time
 import pytest
 import torch
 
+from speft_bench.config import validate
 from speft_bench.data.instruct import (ALPACA_PROMPT_NO_INPUT, FORMATS, IGNORE_INDEX, Example, InstructSplit,
                                        PadCollator, TokenizedInstruct, alpaca_prompt, load_instruct, tokenize)
 from speft_bench.data.sources import default_data_root, load_source
 from speft_bench.evaluation import lm_eval as bridge
 from speft_bench.models import ModelSourceError, load_causal_lm, load_tokenizer, resolve_pretrained
 from speft_bench.run import run
-from speft_bench.schemas import validate
 
 from conftest import compose_config
 

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from speft_bench.schemas import validate
+from speft_bench.config import validate
 
 from conftest import CONF, compose_config
 

@@ -7,10 +7,12 @@ import time
 import pytest
 import torch
 
+from speft_bench.config import validate
 from speft_bench.data.sources import default_data_root, load_source
+from speft_bench.errors import ConfigError
 from speft_bench.evaluation import lm_eval as bridge
 from speft_bench.models import ModelSourceError, load_causal_lm, load_tokenizer, resolve_pretrained
-from speft_bench.schemas import ConfigError, LmEvalSchema, validate
+from speft_bench.schemas import LmEvalSchema
 
 from conftest import compose_config
 

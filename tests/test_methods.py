@@ -3,9 +3,11 @@
 import pytest
 import torch
 
-from speft_bench.methods import METHODS, MethodContext
+from speft_bench.config import validate
+from speft_bench.methods import METHODS
+from speft_bench.methods.base import MethodContext
 from speft_bench.models import targets_for
-from speft_bench.schemas import TargetScope, validate
+from speft_bench.schemas import TargetScope
 
 from conftest import compose_config
 

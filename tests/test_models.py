@@ -9,9 +9,11 @@ import pytest
 import torch
 import yaml
 
+from speft_bench.config import validate
+from speft_bench.errors import ConfigError
 from speft_bench.models import (ModelSourceError, hub_reachable, load_causal_lm, load_model, package_path,
                                 resolve_pretrained)
-from speft_bench.schemas import ConfigError, Family, ModelInit, ModelSchema, validate
+from speft_bench.schemas import Family, ModelInit, ModelSchema
 
 from conftest import CONF, compose_config
 

@@ -14,12 +14,15 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from speft_bench import precision
 from speft_bench.batches import micro_batches
-from speft_bench.methods import METHODS, MethodContext
+from speft_bench.config import validate
+from speft_bench.errors import ConfigError
+from speft_bench.methods import METHODS
+from speft_bench.methods.base import MethodContext
 from speft_bench.methods.speft.layer import SparseDeltaLinear
 from speft_bench.methods.speft.model import sparse_deltas, value_grad_counts
 from speft_bench.methods.spsft.layer import RowDeltaLinear
 from speft_bench.run import forward_backward
-from speft_bench.schemas import ConfigError, TrainSchema, validate
+from speft_bench.schemas import TrainSchema
 
 from conftest import compose_config, instruct_batch, tiny_llama
 

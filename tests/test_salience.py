@@ -11,7 +11,8 @@ from torch import nn
 
 from speft_bench.errors import NonFiniteError
 from speft_bench.masking import lora_param_count, mask_digest, top_k_global
-from speft_bench.salience import SALIENCE_METRICS, compute_salience, score_buffers
+from speft_bench.salience import SALIENCE_METRICS
+from speft_bench.salience.base import compute_salience, score_buffers
 from speft_bench.salience.memory import LiveBytes
 
 from conftest import MINILM, ROOT, compose_config
@@ -178,9 +179,9 @@ def mrpc(minilm):
     """MiniLM-L6 (2 labels), its 36 target weights, and the first 16 MRPC training examples tokenized to ≤ 48."""
     from transformers import DataCollatorWithPadding
 
+    from speft_bench.config import validate
     from speft_bench.data.glue import TokenizedSplit, load_glue
     from speft_bench.models import load_tokenizer, package_path, targets_for
-    from speft_bench.schemas import validate
 
     typed = validate(compose_config("task=mrpc", "method=speft", "metric=gradient", "task.train_limit=16"))
     tokenizer = load_tokenizer(str(package_path(MINILM)), typed["model"])
@@ -353,7 +354,7 @@ def test_peak_memory_stays_within_the_budget(metric):
 # --- metric.variant=reference: the authors' code (0-ml/speft), each against its own definition ----------
 
 def test_grasp_reference_is_plus_the_next_sets_hessian_times_the_first_sets_gradient_at_temperature_200(setup):
-    from speft_bench.salience import calibration_sets
+    from speft_bench.salience.base import calibration_sets
 
     model, weights, batches, x, y = setup
     model.eval()
@@ -465,7 +466,7 @@ def test_fisher_reference_puts_the_labels_into_token_type_ids_one_example_at_a_t
 
 
 def test_fisher_reference_refuses_what_the_authors_call_cannot_do(setup):
-    from speft_bench.schemas import ConfigError
+    from speft_bench.errors import ConfigError
 
     model, weights, batches, _ = tiny_bert()
     three = [{**b, "labels": b["labels"] * 2} for b in batches]  # label 2: no such token type
@@ -493,7 +494,7 @@ def test_calibration_mode_train_keeps_dropout_on(setup):
 
 
 def test_split_examples_cuts_into_equal_consecutive_sets():
-    from speft_bench.salience import split_examples
+    from speft_bench.salience.base import split_examples
 
     batches = [{"labels": torch.arange(a, b)} for a, b in [(0, 4), (4, 8), (8, 10)]]
     sets = split_examples(batches, 2)

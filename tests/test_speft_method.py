@@ -3,12 +3,13 @@
 import pytest
 import torch
 
+from speft_bench.config import validate
 from speft_bench.masking import mask_digest
-from speft_bench.methods import METHODS, MethodContext
+from speft_bench.methods import METHODS
+from speft_bench.methods.base import MethodContext
 from speft_bench.methods.speft.model import sparse_deltas
 from speft_bench.run import calibration_sampler, run
 from speft_bench.salience import SALIENCE_METRICS
-from speft_bench.schemas import validate
 
 from conftest import CONF, compose_config
 
@@ -44,7 +45,7 @@ def test_every_metric_and_masking_runs_end_to_end(tmp_path, metric, masking):
 
 
 def test_dynamic_mask_really_recomputes_salience(tmp_path, monkeypatch):
-    import speft_bench.methods.speft as speft
+    import speft_bench.methods.speft.method as speft
 
     masks = {}  # digest -> the mask it was computed from: the record names each mask by its digest
 
@@ -122,7 +123,7 @@ def test_calibration_rounds_draw_fresh_examples():
 
 def test_the_authors_knobs_reach_salience_and_selection(minilm, monkeypatch):
     """metric.variant (GRaSP's reference draws two sets), method.calibration_mode and masking.local_split."""
-    import speft_bench.methods.speft as speft
+    import speft_bench.methods.speft.method as speft
 
     seen = {}
 

@@ -10,11 +10,11 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from speft_bench.errors import NonFiniteError
-from speft_bench.methods import MethodContext
+from speft_bench.config import validate
+from speft_bench.errors import ConfigError, NonFiniteError
+from speft_bench.methods.base import MethodContext
 from speft_bench.methods.speft.model import ADAPTER_FORMAT as SPEFT_FORMAT
 from speft_bench.methods.speft.model import load_adapter as load_speft_adapter
-from speft_bench.methods.spsft import SPSFT
 from speft_bench.methods.spsft.importance import (
     IMPORTANCE,
     neuron_importance,
@@ -23,6 +23,7 @@ from speft_bench.methods.spsft.importance import (
     top_rows,
 )
 from speft_bench.methods.spsft.layer import RowDeltaLinear
+from speft_bench.methods.spsft.method import SPSFT
 from speft_bench.methods.spsft.model import (
     ADAPTER_FORMAT,
     AdapterError,
@@ -33,7 +34,6 @@ from speft_bench.methods.spsft.model import (
     save_adapter,
 )
 from speft_bench.run import run
-from speft_bench.schemas import ConfigError, validate
 
 from conftest import compose_config, saved_numels
 

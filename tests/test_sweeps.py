@@ -9,7 +9,7 @@ import time
 
 from hydra import compose, initialize_config_dir
 
-from speft_bench.schemas import register_schemas
+from speft_bench.config import register_schemas
 
 from conftest import CONF, ROOT
 

@@ -10,9 +10,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from speft_bench.batches import IGNORE_INDEX, loss_terms, micro_batches
+from speft_bench.config import validate
 from speft_bench.device import resolve_device
+from speft_bench.errors import ConfigError
 from speft_bench.run import enable_gradient_checkpointing, forward_backward
-from speft_bench.schemas import ConfigError, validate
 from speft_bench.tasks import TASK_KINDS
 
 from conftest import assert_close, compose_config, gradients, instruct_batch, prepare_method, saved_numels, tiny_llama

@@ -1,20 +1,19 @@
-"""GLUE tasks: read the original TSV layout from the data root, or the hub when online.
+"""GLUE tasks: the original TSV layout from the data root, or the hub when online.
 
-``<data_root>/glue/<TASK>/{train,dev}.tsv`` as produced by the official GLUE download script.
-Labels are mapped to class indices through ``task.label_names`` (``[]``: a regression score).
+``<data_root>/glue/<TASK>/{train,dev}.tsv`` as produced by the official GLUE download script is one
+more source of :mod:`speft_bench.data.sources` (:func:`~speft_bench.data.sources.glue_source`), read
+by its TSV reader; labels are mapped to class indices through ``task.label_names`` (``[]``: a
+regression score).  Here the rows become :class:`GlueSplit` and tokenized features.
 """
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
 import torch
 
-from speft_bench.data.sources import offline_error
-from speft_bench.models import hub_reachable
+from speft_bench.data.sources import glue_source, load_source
 from speft_bench.schemas import TaskSchema
 
 
@@ -37,62 +36,28 @@ class GlueSplit:
         return GlueSplit(self.text_a[:n], b, self.labels[:n], f"{self.source} (first {n})")
 
 
-def _label_index(task: TaskSchema, raw) -> float | int:
-    if task.is_regression:
-        return float(raw)
-    try:
-        return task.label_names.index(str(raw))
-    except ValueError:
-        raise ValueError(f"task {task.name}: label {raw!r} not in task.label_names {task.label_names}") from None
-
-
-def read_tsv(task: TaskSchema, path: Path) -> GlueSplit:
-    """Read one GLUE TSV; quotes are literal text in GLUE files, so quoting is off."""
-    frame = pd.read_csv(
-        path, sep="\t", quoting=csv.QUOTE_NONE, dtype=str, keep_default_na=False, encoding="utf-8-sig",
-        header=0 if task.header else None, names=None if task.header else task.column_names,
-        on_bad_lines="skip",  # a few QQP/MNLI lines are malformed in the original release
-    )
-    cols = task.columns
-    missing = [c for c in (cols.text_a, cols.text_b, cols.label) if c is not None and c not in frame.columns]
-    if missing:
-        raise ValueError(f"task {task.name}: columns {missing} not in {path} (has {list(frame.columns)})")
-    frame = frame[frame[cols.label] != ""]  # unlabelled rows (none in train/dev of the released files)
-    return GlueSplit(
-        text_a=frame[cols.text_a].tolist(),
-        text_b=None if cols.text_b is None else frame[cols.text_b].tolist(),
-        labels=[_label_index(task, v) for v in frame[cols.label]],
-        source=str(path),
-    )
-
-
-def _read_hub(task: TaskSchema, split: str) -> GlueSplit:
-    from datasets import load_dataset
-
-    data = load_dataset(task.hub_path, task.hub_name, split=split)
-    cols = task.hub_columns
-    labels = data[cols.label]
-    return GlueSplit(
-        text_a=data[cols.text_a],
-        text_b=None if cols.text_b is None else data[cols.text_b],
-        labels=[float(v) for v in labels] if task.is_regression else [int(v) for v in labels],
-        source=f"hub:{task.hub_path}/{task.hub_name}:{split}",
-    )
-
-
 def load_glue(task: TaskSchema, data_root: str | Path) -> dict[str, GlueSplit]:
-    """Train and dev splits, from the data root if the files are there, else from the hub."""
-    folder = Path(data_root).resolve() / "glue" / task.glue_dir
-    files = {"train": folder / task.train_file, "dev": folder / task.dev_file}
-    if all(p.exists() for p in files.values()):
-        splits = {name: read_tsv(task, path) for name, path in files.items()}
-    elif hub_reachable():
-        splits = {"train": _read_hub(task, "train"), "dev": _read_hub(task, task.hub_dev_split)}
-    else:
-        absent = [str(p) for p in files.values() if not p.exists()]
-        raise offline_error(f"task={task.name}", absent, data_root, f"{task.hub_path}/{task.hub_name}",
-                            "the original GLUE release layout")
+    """Train and dev splits of the task's source (:func:`~speft_bench.data.sources.glue_source`): its
+    files below the data root, else the hub, else the offline error naming the files."""
+    data, origin = load_source(glue_source(task), data_root, what=f"task={task.name}")
+    splits = {"train": _split(task, data, origin, "train"), "dev": _split(task, data, origin, task.hub_dev_split)}
     return {"train": splits["train"].head(task.train_limit), "dev": splits["dev"].head(task.eval_limit)}
+
+
+def _split(task: TaskSchema, data, origin: str | dict[str, list[str]], split: str) -> GlueSplit:
+    """One split's rows (the hub schema, local or not) as a GlueSplit; ``source`` is its file or hub split."""
+    rows, cols = data[split], task.hub_columns
+
+    def column(name: str) -> list:
+        return list(rows[name]) if rows.num_rows else []  # no rows, no columns
+
+    labels = column(cols.label)
+    return GlueSplit(
+        text_a=column(cols.text_a),
+        text_b=None if cols.text_b is None else column(cols.text_b),
+        labels=[float(v) for v in labels] if task.is_regression else [int(v) for v in labels],
+        source=f"{origin}:{split}" if isinstance(origin, str) else origin[split][0],
+    )
 
 
 class TokenizedSplit(torch.utils.data.Dataset):

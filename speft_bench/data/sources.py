@@ -3,8 +3,10 @@
 A :class:`Source` names, per split, the files it reads below the data root (the original releases:
 ``gsm8k/train.jsonl``, ``arc/ARC-Easy/ARC-Easy-Test.jsonl``, MMLU's csv folders, ...) and a reader
 that turns them into rows with the *same fields as the dataset on the hub*, so one lm-eval task
-config or one instruction format works on either.  Without the files, the hub is used when it is
-reachable; offline, loading fails at once, naming the files it looked for.
+config or one instruction format works on either.  A GLUE task's source comes from its config
+(:func:`glue_source`: ``glue/<TASK>/{train,dev}.tsv``, columns and labels as the task names them).
+Without the files, the hub is used when it is reachable; offline, loading fails at once, naming the
+files it looked for (:func:`load_source`, the one loader, and :func:`offline_error`, its one error).
 """
 
 from __future__ import annotations
@@ -13,21 +15,31 @@ import csv
 import gzip
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from speft_bench.models import ModelSourceError, hub_reachable
 from speft_bench.registry import Registry
 
+if TYPE_CHECKING:
+    from speft_bench.schemas import TaskSchema
+
 
 def default_data_root() -> Path:
-    """The data root of ``conf/paths/default.yaml`` for callers without a config (lm-eval tasks)."""
-    import os
+    """``paths.data_root`` of ``conf/paths/default.yaml`` (SPEFT_DATA_ROOT overrides), for callers without a config.
 
-    from speft_bench.schemas import PROJECT_ROOT
+    The YAML is the one place the default lives; its interpolations resolve as at composition.
+    """
+    from omegaconf import OmegaConf
 
-    return Path(os.environ.get("SPEFT_DATA_ROOT", PROJECT_ROOT.parent / "shared" / "data"))
+    from speft_bench import PROJECT_ROOT
+    from speft_bench.config import register_schemas
+
+    register_schemas()  # the ``speft_root`` resolver the YAML uses
+    return Path(OmegaConf.load(PROJECT_ROOT / "conf" / "paths" / "default.yaml").data_root)
 
 
 # --------------------------------------------------------------------------- readers: files -> rows
@@ -41,9 +53,20 @@ def json_records(*paths: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def tsv_records(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8", newline="") as f:
-        return list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+def tsv_records(path: Path, names: Sequence[str] | None = None) -> list[dict[str, str]]:
+    """Rows of a tab-separated release file (GLUE, OpenBookQA) as strings; the first line names the
+    fields unless ``names`` does (CoLA has no header line).
+
+    Quotes are literal text in these files, so quoting is off.  A line with more fields than names is
+    skipped (a few QQP/MNLI lines of the original GLUE release are malformed), a shorter one is padded
+    with "", blank lines are skipped, and a byte-order mark (MRPC) is not part of the first name.
+    """
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        lines = (fields for fields in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+                 if fields and not (len(fields) == 1 and not fields[0].strip(" ")))
+        names = list(next(lines, []) if names is None else names)
+        return [dict(zip(names, fields + [""] * (len(names) - len(fields))))
+                for fields in lines if len(fields) <= len(names)]
 
 
 def arc(*paths: Path) -> list[dict]:
@@ -161,15 +184,56 @@ for _name, _source in {
     SOURCES.register(_name)(_source)
 
 
-def load_source(name: str, data_root: str | Path, subset: str | None = None):
+def glue_rows(task: TaskSchema, path: Path) -> list[dict]:
+    """One file of a GLUE task (fields ``task.columns``) → rows in its hub schema (``task.hub_columns``).
+
+    File labels become class indices through ``task.label_names`` (a float score for regression);
+    unlabelled rows are dropped (none in train/dev of the released files).
+    """
+    cols, hub = task.columns, task.hub_columns
+    if (cols.text_b is None) != (hub.text_b is None):
+        raise ValueError(f"task {task.name}: columns.text_b={cols.text_b!r} and hub_columns.text_b={hub.text_b!r} "
+                         f"must both name a column or both be null")
+    rows = tsv_records(path, None if task.header else task.column_names)
+    fields = list(rows[0]) if rows else []
+    missing = [c for c in (cols.text_a, cols.text_b, cols.label) if c is not None and c not in fields]
+    if missing:
+        raise ValueError(f"task {task.name}: columns {missing} not in {path} (has {fields})")
+
+    def label(raw: str) -> float | int:
+        if task.is_regression:
+            return float(raw)
+        try:
+            return task.label_names.index(raw)
+        except ValueError:
+            raise ValueError(f"task {task.name}: label {raw!r} not in task.label_names {task.label_names}") from None
+
+    pairs = [(hub.text_a, cols.text_a)] + ([(hub.text_b, cols.text_b)] if cols.text_b is not None else [])
+    return [{**{h: r[c] for h, c in pairs}, hub.label: label(r[cols.label])} for r in rows if r[cols.label] != ""]
+
+
+def glue_source(task: TaskSchema) -> Source:
+    """A GLUE task's source, from its knobs: ``glue/<glue_dir>/{train_file,dev_file}`` of the original
+    release (read by :func:`glue_rows`), or the hub's ``train`` and ``hub_dev_split`` splits."""
+    folder = f"glue/{task.glue_dir}"
+    return Source(task.hub_path, task.hub_name,
+                  {"train": (f"{folder}/{task.train_file}",), task.hub_dev_split: (f"{folder}/{task.dev_file}",)},
+                  partial(glue_rows, task), "the original GLUE release layout")
+
+
+def load_source(source: str | Source, data_root: str | Path, subset: str | None = None, what: str | None = None):
     """``(DatasetDict, origin)``: the local copy when all its files exist, else the hub when reachable.
 
+    ``source`` is a name in :data:`SOURCES` or a :class:`Source` built from a config (a GLUE task's,
+    :func:`glue_source`); ``what`` names it in the error (default: its name, or its hub id).
     ``origin`` says where the rows came from (file paths or ``hub:<id>``) for the run record.
     Offline and without the files: :class:`ModelSourceError` naming every missing file.
     """
     import datasets
 
-    source = SOURCES[name]
+    if isinstance(source, str):
+        what = what or source + (f"/{subset}" if subset else "")
+        source = SOURCES[source]
     paths = source.paths(data_root, subset)
     missing = [str(p) for files in paths.values() for p in files if not p.exists()]
     if paths and not missing:
@@ -183,7 +247,7 @@ def load_source(name: str, data_root: str | Path, subset: str | None = None):
     hub_id = source.hub_path + (f"/{hub_name}" if hub_name else "")
     if hub_reachable():
         return datasets.load_dataset(source.hub_path, hub_name), f"hub:{hub_id}"
-    raise offline_error(f"{name}{f'/{subset}' if subset else ''}", missing, data_root, hub_id, source.offline_note)
+    raise offline_error(what or hub_id, missing, data_root, hub_id, source.offline_note)
 
 
 def offline_error(what: str, missing: list[str], data_root, hub_id: str, note: str = "") -> ModelSourceError:

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from speft_bench.data.sources import default_data_root, load_source
-from speft_bench.schemas import ConfigError, LmEvalSchema
+from speft_bench.errors import ConfigError
+from speft_bench.schemas import LmEvalSchema
 
 TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
 CODE_EXECUTION_TASKS = frozenset({"humaneval", "mbpp"})  # `unsafe_code: true` in their configs

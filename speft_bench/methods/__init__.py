@@ -1,81 +1,21 @@
-"""Fine-tuning methods: one module per method, selected by ``method.name`` through ``METHODS``.
+"""Fine-tuning methods: one module (or package) per method, selected by ``method.name`` through ``METHODS``.
 
-A method validates its config against the other groups (``check``, before any model loads) and
-turns a loaded model into one whose trainable parameters are exactly its own (``prepare``).
+A method with options has its schema next to its code (``<method>/config.py``, or ``config.py`` here
+for the single-module ones), registered with ``speft_bench.schemas.register_schema``: the typed knobs
+and the torch-free cross-group rules, checked before torch loads.  Its code (``base.Method``) checks
+what needs code registries (``check``, before any model loads) and turns a loaded model into one
+whose trainable parameters are exactly its own (``prepare``).
+
+Torch-free: ``METHODS`` imports the method modules only when first used.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
-
-from omegaconf import DictConfig
-from torch import nn
+from typing import TYPE_CHECKING
 
 from speft_bench.registry import Registry
-from speft_bench.schemas import ConfigError
 
-
-@dataclass
-class MethodContext:
-    """What a method may use besides the model: the typed config and calibration data."""
-
-    cfg: DictConfig
-    typed: dict[str, Any]  # group -> schema object (see schemas.validate)
-    # (round, n_examples, batch_size) -> training batches; each round draws a fresh sample
-    calibration_batches: Callable[[int, int, int], list[dict]]
-
-
-@dataclass
-class Prepared:
-    """A model ready to train, what the record should say about it, and two optional hooks.
-
-    ``on_step(step, optimizer)`` runs before each optimizer step is taken (dynamic masks use it to
-    re-select entries and reset the optimizer state, per ``masking.optimizer_reset``).
-    ``save(run_dir)`` writes what the base model needs to become the trained one (the method's
-    ``load`` reads it back) and returns what the record says about it: ``path`` (in the run folder),
-    ``format`` and the number of values per kind of tensor.  None: nothing was trained.
-    """
-
-    model: nn.Module
-    info: dict[str, Any] = field(default_factory=dict)
-    on_step: Callable[[int, Any], None] | None = None
-    save: Callable[[Path], dict[str, Any]] | None = None
-
-
-class Method:
-    """Base class: subclasses register with ``@METHODS.register("name")``."""
-
-    metrics: tuple[str, ...] = ("none",)  # salience metrics this method accepts
-    # Reads the masking group; a method that does not takes only its defaults (schemas.validate),
-    # so an ignored masking knob cannot enter the record and the config hash.
-    uses_masking: bool = False
-
-    @classmethod
-    def check(cls, cfg: DictConfig, typed: dict[str, Any]) -> None:
-        metric = typed["metric"].name
-        if metric not in cls.metrics:
-            raise ConfigError(
-                f"metric={metric!r} is not valid for method={typed['method'].name!r}; allowed: {', '.join(cls.metrics)}"
-            )
-
-    def prepare(self, model: nn.Module, ctx: MethodContext) -> Prepared:
-        raise NotImplementedError
-
-    @classmethod
-    def load(cls, model: nn.Module, run_dir: Path, typed: dict[str, Any]) -> nn.Module:
-        """The trained model: ``model`` (the base, as the run loaded it) with what ``Prepared.save`` wrote
-        in ``run_dir`` applied (``speft_bench.export.load_trained``).  The base: nothing was trained."""
-        return model
-
-
-def freeze_all_but(model: nn.Module, trainable: dict[str, nn.Parameter]) -> None:
-    """Make exactly the given parameters trainable."""
-    keep = {id(p) for p in trainable.values()}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in keep)
-
+if TYPE_CHECKING:
+    from speft_bench.methods.base import Method
 
 METHODS: Registry[type[Method]] = Registry("method.name", "speft_bench.methods")

@@ -1,6 +1,7 @@
 """Dense fine-tuning: every parameter trains; the run saves the whole model (``save_pretrained``)."""
 
-from speft_bench.methods import METHODS, Method, MethodContext, Prepared
+from speft_bench.methods import METHODS
+from speft_bench.methods.base import Method, MethodContext, Prepared
 
 SAVED = "model"  # a transformers checkpoint folder in the run folder
 

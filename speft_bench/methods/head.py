@@ -4,7 +4,8 @@ Its adapter is the head alone: a file of dense tensors (``speft_bench.adapters``
 """
 
 from speft_bench.adapters import FILE, apply_dense, checked_dense, dense_tensors, numel_of, read_adapter, write_adapter
-from speft_bench.methods import METHODS, Method, MethodContext, Prepared, freeze_all_but
+from speft_bench.methods import METHODS
+from speft_bench.methods.base import Method, MethodContext, Prepared, freeze_all_but
 from speft_bench.models import head_parameters
 
 ADAPTER_FORMAT = "speft-bench-head/1"

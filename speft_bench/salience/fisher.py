@@ -18,7 +18,7 @@ the example's label becomes its token type at every position (the batch's segmen
 and the model, given no labels, computes no loss.  The loss is then the cross-entropy of the logits
 against the labels, computed outside the model as the authors do: per example the same loss as the
 model's own.  One example per gradient (``metric.micro_batch=1``), classification only (a regression
-label is no token type: ``check``).
+label is no token type: ``config.FisherSchema``).
 """
 
 import inspect
@@ -26,10 +26,10 @@ import inspect
 import torch.nn.functional as F
 
 from speft_bench.batches import loss_terms, micro_batches, weighted_pieces
+from speft_bench.errors import ConfigError
 from speft_bench.progress import progress
-from speft_bench.salience import (SALIENCE_METRICS, Scores, adder, backward_per_layer, batch_size, calibration_mode,
-                                  score_buffers)
-from speft_bench.schemas import ConfigError, TaskKind
+from speft_bench.salience import SALIENCE_METRICS
+from speft_bench.salience.base import Scores, adder, backward_per_layer, batch_size, calibration_mode, score_buffers
 
 
 def own_loss(model, piece):
@@ -75,15 +75,3 @@ def fisher(model, weights, batches, variant: str = "paper", micro_batch: int = 1
                 (loss_of(model, part) * part_share).backward(inputs=list(weights.values()))
             backward_per_layer(loss_of(model, last) * share, weights, lambda name, g: add(name, g.square_()))
     return squares
-
-
-def check(typed) -> None:
-    """Before any model loads: the reference variant needs class labels (GLUE classification)."""
-    task = typed["task"]
-    if typed["metric"].variant == "reference" and (task.kind is not TaskKind.glue or task.is_regression):
-        raise ConfigError(f"metric=fisher metric.variant=reference makes each label a token type (the authors' "
-                          f"positional call), so it needs a classification task; task={task.name} is not one "
-                          f"(use metric.variant=paper)")
-
-
-fisher.check = check

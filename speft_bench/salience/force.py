@@ -3,7 +3,8 @@
 Signed on purpose: entries whose first-order change would *lower* the loss rank highest.
 """
 
-from speft_bench.salience import SALIENCE_METRICS, Scores, mean_gradients
+from speft_bench.salience import SALIENCE_METRICS
+from speft_bench.salience.base import Scores, mean_gradients
 
 
 @SALIENCE_METRICS.register("force")

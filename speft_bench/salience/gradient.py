@@ -1,6 +1,7 @@
 """Gradient |E[∂ℓ/∂θ]|: the SPEFT paper's recommended metric."""
 
-from speft_bench.salience import SALIENCE_METRICS, Scores, mean_gradients
+from speft_bench.salience import SALIENCE_METRICS
+from speft_bench.salience.base import Scores, mean_gradients
 
 
 @SALIENCE_METRICS.register("gradient")

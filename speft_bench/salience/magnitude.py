@@ -1,6 +1,7 @@
 """Magnitude |θ| (Han et al. 2015): data-free, and the model never runs (``method.calibration_mode`` n/a)."""
 
-from speft_bench.salience import SALIENCE_METRICS, Scores, score_dtype
+from speft_bench.salience import SALIENCE_METRICS
+from speft_bench.salience.base import Scores, score_dtype
 
 
 @SALIENCE_METRICS.register("magnitude")

@@ -1,6 +1,7 @@
 """SNIP |E[g] ⊙ θ|: connection sensitivity (Lee et al. 2019)."""
 
-from speft_bench.salience import SALIENCE_METRICS, Scores, mean_gradients
+from speft_bench.salience import SALIENCE_METRICS
+from speft_bench.salience.base import Scores, mean_gradients
 
 
 @SALIENCE_METRICS.register("snip")

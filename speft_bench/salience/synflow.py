@@ -43,9 +43,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from speft_bench.errors import ConfigError
 from speft_bench.models import is_norm
-from speft_bench.salience import SALIENCE_METRICS, Scores, backward_per_layer, calibration_mode, score_buffers
-from speft_bench.schemas import ConfigError
+from speft_bench.salience import SALIENCE_METRICS
+from speft_bench.salience.base import Scores, backward_per_layer, calibration_mode, score_buffers
 
 SEQ_LEN = 16  # all-ones input tokens for sequence models: > 1 so positions (and so Q, K) matter
 CHUNK = 1 << 21  # weight entries per float64 cast (16 MiB) and per sign-bit packing step

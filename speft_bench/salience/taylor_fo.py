@@ -4,7 +4,8 @@ It ranks exactly as SNIP does (a square of the same magnitude), which is why the
 SNIP and Taylor-FO rows are identical; both are kept for the tables.
 """
 
-from speft_bench.salience import SALIENCE_METRICS, Scores, mean_gradients
+from speft_bench.salience import SALIENCE_METRICS
+from speft_bench.salience.base import Scores, mean_gradients
 
 
 @SALIENCE_METRICS.register("taylor_fo")

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from speft_bench.errors import check_finite
 from speft_bench.registry import Registry
-from speft_bench.salience import mean_gradients
+from speft_bench.salience.base import mean_gradients
 
 Scores = dict[str, Tensor]  # layer name -> (d_out,) importance of each output row
 ScoreFn = Callable[..., Scores]  # (model, weights, batches, **options) -> scores

@@ -1,13 +1,4 @@
-"""LoRA, PiSSA and DoRA through peft, injected in place on the model's target linears.
-
-PiSSA is LoRA with a principal-singular-vector init, DoRA is LoRA with a learned magnitude:
-one module, three registered names, told apart by ``method.init`` and ``method.use_dora``.
-
-The run saves a peft adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) with
-the task head as ``modules_to_save``, so ``PeftModel.from_pretrained(base, run_dir / "adapter")`` is
-the trained model.  PiSSA's config keeps ``init_lora_weights="pissa"``: loading recomputes the
-residual base weights by the same SVD the run did, then sets A and B.
-"""
+"""LoRA, PiSSA and DoRA (one class, three names) and their peft adapter folder."""
 
 import copy
 
@@ -16,9 +7,10 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
 from speft_bench.adapters import numel_of
-from speft_bench.methods import METHODS, Method, MethodContext, Prepared, freeze_all_but
+from speft_bench.methods import METHODS
+from speft_bench.methods.base import Method, MethodContext, Prepared, freeze_all_but
+from speft_bench.methods.lora.config import LoraInit
 from speft_bench.models import head_parameters, targets_for
-from speft_bench.schemas import LoraInit
 
 SAVED = "adapter"  # peft's adapter folder in the run folder
 PEFT_PREFIX = "base_model.model."  # peft's file keys are relative to a PeftModel

@@ -1,0 +1,168 @@
+"""The papers' claims, tested on the run records: paired differences across seeds and tasks.
+
+A claim (``conf/claims.yaml``) compares two rows of one table spec (``conf/tables/``), e.g. SPEFT's
+Gradient row against LoRA's.  Its pairs are the (task, seed) runs both rows have completed: the
+difference is ours(a) − ours(b) of the column's metric ×100, the same numbers the tables show.  A row
+compared with several (``b: [...]``) gives one comparison each and a verdict over all of them.
+
+The test is a paired t-test: mean difference, its two-sided ``confidence`` interval (Student t,
+n − 1 degrees of freedom) and p-value against 0.  Pooling tasks assumes their differences share a
+scale; they are all ×100 scores.  The verdict reads the interval against ``margin`` (points):
+
+- ``equivalent`` (a ≈ b): reproduced when the interval lies inside (−margin, margin); not reproduced
+  when it lies wholly outside it; otherwise undecided.
+- ``not_worse`` (a ≥ b, "best or near best"): reproduced when the interval's low end is above
+  −margin; not reproduced when its high end is below −margin; otherwise undecided.
+
+Fewer than two pairs cannot be tested: undecided.  Over several comparisons: not reproduced when any
+is, reproduced when all are, otherwise undecided.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+from scipy import stats
+
+from speft_bench.tables import TableSpec, cell_records, result_configs, runs_by_seed
+
+REPRODUCED, NOT_REPRODUCED, UNDECIDED = "reproduced", "not reproduced", "undecided"
+
+
+def _equivalent(low: float, high: float, margin: float) -> str:
+    if -margin < low and high < margin:
+        return REPRODUCED
+    return NOT_REPRODUCED if high <= -margin or low >= margin else UNDECIDED
+
+
+def _not_worse(low: float, high: float, margin: float) -> str:
+    if low > -margin:
+        return REPRODUCED
+    return NOT_REPRODUCED if high < -margin else UNDECIDED
+
+
+VERDICTS: dict[str, Callable[[float, float, float], str]] = {"equivalent": _equivalent, "not_worse": _not_worse}
+SYMBOLS = {"equivalent": "≈", "not_worse": "≥"}
+
+
+@dataclass(frozen=True)
+class Claim:
+    """``a`` compared with each row of ``b`` in table ``table``, on the ``tasks`` columns (labels)."""
+
+    label: str
+    source: str  # where the paper says it
+    table: str
+    a: str
+    b: tuple[str, ...]
+    test: str
+    tasks: tuple[str, ...]
+
+
+def load_claims(path: Path) -> tuple[list[Claim], dict[str, Any]]:
+    """The claims of ``path`` and its settings (``margin``, ``confidence``); ``tasks`` is each claim's default."""
+    doc = yaml.safe_load(Path(path).read_text())
+    settings = {"margin": float(doc["margin"]), "confidence": float(doc["confidence"])}
+    claims = []
+    for c in doc["claims"]:
+        b = c["b"] if isinstance(c["b"], list) else [c["b"]]
+        claim = Claim(c["label"], c["source"], c["table"], c["a"], tuple(b), c["test"], tuple(c.get("tasks", doc["tasks"])))
+        if claim.test not in VERDICTS:
+            raise ValueError(f"claim {claim.label!r}: test={claim.test!r}; allowed: {sorted(VERDICTS)}")
+        claims.append(claim)
+    return claims, settings
+
+
+def seed_values(records: list[dict], metric: str) -> dict[Any, float]:
+    """``{seed: metric×100}`` of the completed runs (`tables.runs_by_seed`)."""
+    return {seed: 100 * r["metrics"][metric] for seed, r in runs_by_seed(records).items() if r.get("status") == "completed"}
+
+
+def pairs(spec: TableSpec, records: Iterable[dict], a: str, b: str, tasks: tuple[str, ...]) -> pd.DataFrame:
+    """One line per (task, seed) both rows completed: task, seed, a, b, diff = a − b (×100)."""
+    rows = {r.label: r for r in spec.rows}
+    columns = {c.label: c for c in spec.columns}
+    unknown = sorted({a, b} - set(rows)) + sorted(set(tasks) - set(columns))
+    if unknown:
+        raise KeyError(f"table {spec.name} has no row/column {unknown}; rows {list(rows)}, columns {list(columns)}")
+    flat = result_configs(spec, records)
+    lines = []
+    for task in tasks:
+        col = columns[task]
+        va = seed_values(cell_records(spec, rows[a], col, flat), col.metric)
+        vb = seed_values(cell_records(spec, rows[b], col, flat), col.metric)
+        lines += [{"task": task, "seed": s, "a": va[s], "b": vb[s], "diff": va[s] - vb[s]} for s in sorted(set(va) & set(vb))]
+    return pd.DataFrame(lines, columns=["task", "seed", "a", "b", "diff"])
+
+
+def paired_test(diffs: pd.Series, confidence: float) -> dict[str, float]:
+    """n, mean, std (ddof=1), the ``confidence`` interval of the mean and the two-sided p against 0."""
+    n = len(diffs)
+    if n < 2:
+        return {"n": n, "mean": diffs.mean() if n else math.nan, "std": math.nan, "low": math.nan,
+                "high": math.nan, "p": math.nan}
+    mean, std = diffs.mean(), diffs.std(ddof=1)
+    half = stats.t.ppf(0.5 + confidence / 2, n - 1) * std / math.sqrt(n)
+    p = 1.0 if std == 0 and mean == 0 else (0.0 if std == 0 else 2 * stats.t.sf(abs(mean) / (std / math.sqrt(n)), n - 1))
+    return {"n": n, "mean": mean, "std": std, "low": mean - half, "high": mean + half, "p": p}
+
+
+def evaluate(claims: list[Claim], specs: Iterable[TableSpec], records: list[dict], margin: float,
+             confidence: float) -> pd.DataFrame:
+    """One line per comparison: claim, comparison ("a ≈ b"), tasks, the test's numbers, verdict."""
+    by_name = {s.name: s for s in specs}
+    lines = []
+    for claim in claims:
+        for b in claim.b:
+            diffs = pairs(by_name[claim.table], records, claim.a, b, claim.tasks)
+            result = paired_test(diffs["diff"], confidence)
+            verdict = UNDECIDED if result["n"] < 2 else VERDICTS[claim.test](result["low"], result["high"], margin)
+            lines.append({"claim": claim.label, "source": claim.source, "test": claim.test,
+                          "comparison": f"{claim.a} {SYMBOLS[claim.test]} {b}",
+                          "tasks": ",".join(sorted(set(diffs.task), key=claim.tasks.index)),
+                          "seeds": ",".join(str(s) for s in sorted(set(diffs.seed))), **result, "verdict": verdict})
+    return pd.DataFrame(lines)
+
+
+def overall(verdicts: Iterable[str]) -> str:
+    """A claim's verdict over its comparisons."""
+    verdicts = set(verdicts)
+    if NOT_REPRODUCED in verdicts:
+        return NOT_REPRODUCED
+    return REPRODUCED if verdicts == {REPRODUCED} else UNDECIDED
+
+
+def _num(x: float, fmt: str = "+.2f") -> str:
+    return "—" if math.isnan(x) else format(x, fmt)
+
+
+def render_md(table: pd.DataFrame, margin: float, confidence: float) -> str:
+    """Markdown: per claim its verdict, then a line per comparison with the test's numbers."""
+    out = [f"Paired differences ours(a) − ours(b), ×100, over the (task, seed) runs both rows completed; "
+           f"{confidence:.0%} t-interval of the mean; margin ±{margin:g} points (speft_bench/claims.py).\n"]
+    for claim, group in table.groupby("claim", sort=False):
+        out.append(f"**{claim}** ({group.source.iloc[0]}): **{overall(group.verdict)}**\n")
+        out.append("| Comparison | Tasks | Seeds | n | Mean diff | Std | CI | p | Verdict |")
+        out.append("| :--- | :--- | :--- | ---: | ---: | ---: | ---: | ---: | :--- |")
+        for line in group.itertuples():
+            ci = "—" if math.isnan(line.low) else f"[{line.low:+.2f}, {line.high:+.2f}]"
+            out.append(f"| {line.comparison} | {line.tasks or '—'} | {line.seeds or '—'} | {line.n} | {_num(line.mean)} | "
+                       f"{_num(line.std, '.2f')} | {ci} | {_num(line.p, '.3f')} | {line.verdict} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def write_claims(path: Path, specs: Iterable[TableSpec], records: list[dict], out_dir: Path) -> list[Path]:
+    """``out_dir/claims.{md,csv}`` from the claims at ``path``."""
+    claims, settings = load_claims(path)
+    table = evaluate(claims, specs, records, **settings)
+    out_dir = Path(out_dir)
+    written = [out_dir / "claims.md", out_dir / "claims.csv"]
+    written[0].write_text("## The papers' claims on the CPU twins\n\n" + render_md(table, **settings))
+    written[1].write_text(table.to_csv(index=False, float_format="%.4f"))
+    return written

@@ -1,0 +1,89 @@
+"""The config before anything loads: the schemas registered for Hydra, and a composed config validated.
+
+Above the schemas, the methods and the tasks.  :func:`register_schemas` runs before Hydra composes
+(the YAML options pull their schemas from the ConfigStore); :func:`validate` runs on the composed
+config, first without torch (every group typed, ranges, the schemas' cross-group rules), then the
+rules that need code registries (``Method.check``, ``Kind.check``), which import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from speft_bench import PROJECT_ROOT
+from speft_bench.errors import ConfigError, check
+from speft_bench.schemas import MASKING_DEFAULTS, SCHEMAS
+
+PACKAGE = Path(__file__).resolve().parent
+
+
+def schema_modules() -> list[str]:
+    """The modules that register a method's or a metric's schema: every ``config.py`` in a subpackage
+    (``speft_bench.methods.speft.config``, ``speft_bench.salience.config``, ...), found on disk so that no
+    torch-importing module is walked."""
+    return sorted("speft_bench." + ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
+                  for path in PACKAGE.glob("*/**/config.py"))
+
+
+def register_schemas() -> None:
+    """Store every schema under ``schema/<group>/<name>`` and the ``speft_root`` resolver."""
+    for module in schema_modules():
+        importlib.import_module(module)  # its @register_schema calls fill speft_bench.schemas.SCHEMAS
+    store = ConfigStore.instance()
+    for group, schemas in SCHEMAS.items():
+        for name, node in schemas.items():
+            store.store(group=f"schema/{group}", name=name, node=node)
+    if not OmegaConf.has_resolver("speft_root"):
+        OmegaConf.register_new_resolver("speft_root", lambda: str(PROJECT_ROOT))
+
+
+def validate(cfg: DictConfig) -> dict[str, Any]:
+    """Check ranges (dataclass ``__post_init__``) and cross-group rules; return the typed groups.
+
+    Runs before any model or data loads.  Raises :class:`ConfigError` naming the knob.  Up to the code
+    registries' rules, torch is not imported: a bad value fails in python + Hydra start-up time.
+    """
+    check(isinstance(cfg.get("resume"), bool), f"resume must be true or false, got {cfg.get('resume')!r}")
+    typed = {}
+    for group in SCHEMAS:
+        try:
+            typed[group] = OmegaConf.to_object(cfg[group])
+        except ConfigError:
+            raise
+        except Exception as err:  # OmegaConf's own message names the key
+            raise ConfigError(f"{group}: {err}") from None
+    typed["method"].check_groups(typed)
+    typed["metric"].check_groups(typed)
+    _check_masking_is_used(typed)
+
+    from speft_bench.methods import METHODS  # the code registries import torch-heavy code: after the rules above
+    from speft_bench.tasks import TASK_KINDS
+
+    method_name = typed["method"].name
+    check(method_name in METHODS,
+          f"method.name={method_name!r} is not known; allowed values: {', '.join(METHODS.names())}")
+    METHODS[method_name].check(typed)
+    TASK_KINDS[typed["task"].kind.name].check(typed)  # cross-group rules of the task kind (model family, ...)
+    return typed
+
+
+def _check_masking_is_used(typed: dict[str, Any]) -> None:
+    """A method that does not read masking (``MethodSchema.uses_masking``) takes only its default.
+
+    Otherwise the knob would be silently ignored yet enter the record and the config hash.
+    """
+    method, masking = typed["method"], typed["masking"]
+    if method.uses_masking:
+        return
+    changed = [f"masking.{knob}={getattr(masking, knob)!r}" for knob, default in MASKING_DEFAULTS.items()
+               if getattr(masking, knob) != default]  # the name agrees with scope and dynamic (MaskingSchema)
+    users = sorted(name for name, schema in SCHEMAS["method"].items() if schema.uses_masking)
+    check(not changed, f"method={method.name} does not use masking, so {', '.join(changed)} would be ignored; "
+                       f"only method={'|'.join(users)} reads it: leave masking at its default "
+                       f"(masking=static_{MASKING_DEFAULTS['scope']}: "
+                       f"{', '.join(f'masking.{k}={v!r}' for k, v in MASKING_DEFAULTS.items())})")

@@ -1,0 +1,67 @@
+"""What every method shares: the ``Method`` base class, its context and result, and ``freeze_all_but``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+from torch import nn
+
+
+@dataclass
+class MethodContext:
+    """What a method may use besides the model: the typed config and calibration data."""
+
+    cfg: DictConfig
+    typed: dict[str, Any]  # group -> schema object (see speft_bench.config.validate)
+    # (round, n_examples, batch_size) -> training batches; each round draws a fresh sample
+    calibration_batches: Callable[[int, int, int], list[dict]]
+
+
+@dataclass
+class Prepared:
+    """A model ready to train, what the record should say about it, and two optional hooks.
+
+    ``on_step(step, optimizer)`` runs before each optimizer step is taken (dynamic masks use it to
+    re-select entries and reset the optimizer state, per ``masking.optimizer_reset``).
+    ``save(run_dir)`` writes what the base model needs to become the trained one (the method's
+    ``load`` reads it back) and returns what the record says about it: ``path`` (in the run folder),
+    ``format`` and the number of values per kind of tensor.  None: nothing was trained.
+    """
+
+    model: nn.Module
+    info: dict[str, Any] = field(default_factory=dict)
+    on_step: Callable[[int, Any], None] | None = None
+    save: Callable[[Path], dict[str, Any]] | None = None
+
+
+class Method:
+    """Base class: subclasses register with ``@METHODS.register("name")``.
+
+    The method's schema (``speft_bench.schemas.MethodSchema``) holds the torch-free rules: the metrics
+    it takes, whether it reads masking, its own ``check_groups``.
+    """
+
+    @classmethod
+    def check(cls, typed: dict[str, Any]) -> None:
+        """Cross-group rules that need code registries (the metric's flags), run by
+        ``speft_bench.config.validate`` after the schemas' rules, before any model loads."""
+
+    def prepare(self, model: nn.Module, ctx: MethodContext) -> Prepared:
+        raise NotImplementedError
+
+    @classmethod
+    def load(cls, model: nn.Module, run_dir: Path, typed: dict[str, Any]) -> nn.Module:
+        """The trained model: ``model`` (the base, as the run loaded it) with what ``Prepared.save`` wrote
+        in ``run_dir`` applied (``speft_bench.export.load_trained``).  The base: nothing was trained."""
+        return model
+
+
+def freeze_all_but(model: nn.Module, trainable: dict[str, nn.Parameter]) -> None:
+    """Make exactly the given parameters trainable."""
+    keep = {id(p) for p in trainable.values()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)

@@ -1,0 +1,91 @@
+"""The claims' paired tests on hand-built records: pairs, t-interval, p and verdicts against scipy and by hand."""
+
+import math
+
+import pandas as pd
+import pytest
+from scipy import stats
+
+from speft_bench.claims import (NOT_REPRODUCED, REPRODUCED, UNDECIDED, Claim, evaluate, load_claims, overall,
+                                paired_test, pairs, render_md)
+from speft_bench.tables import TABLES_CONF, Column, Row, TableSpec, load_specs
+
+
+def record(method, task, seed, score, status="completed"):
+    metric = {"mrpc": "accuracy", "stsb": "pearson"}[task]
+    return {"status": status, "run_dir": f"{method}/{task}/{seed}",
+            "config": {"model": {"name": "m"}, "task": {"name": task}, "method": {"name": method},
+                       "train": {"seed": seed}},
+            "metrics": {metric: score} if status == "completed" else {}}
+
+
+SPEC = TableSpec(name="toy", title="Toy", model="m",
+                 columns=(Column("MRPC", "mrpc", "accuracy"), Column("STS-B", "stsb", "pearson")),
+                 rows=(Row("A", {"method.name": "a"}), Row("B", {"method.name": "b"})))
+RECORDS = [
+    record("a", "mrpc", 0, 0.80), record("b", "mrpc", 0, 0.78),
+    record("a", "mrpc", 1, 0.10), record("a", "mrpc", 1, 0.82),  # a later record of a seed replaces the earlier
+    record("b", "mrpc", 1, 0.81),
+    record("a", "mrpc", 2, 0.90), record("b", "mrpc", 2, 0.0, status="failed"),  # not a pair
+    record("a", "stsb", 0, 0.70), record("b", "stsb", 0, 0.705),
+    record("a", "stsb", 1, 0.60), record("b", "stsb", 1, 0.5, status="interrupted"),  # still to finish
+]
+
+
+def test_pairs_are_the_task_seeds_both_rows_completed():
+    got = pairs(SPEC, RECORDS, "A", "B", ("MRPC", "STS-B"))
+    assert list(zip(got.task, got.seed)) == [("MRPC", 0), ("MRPC", 1), ("STS-B", 0)]
+    assert got["diff"].tolist() == pytest.approx([2.0, 1.0, -0.5])
+
+
+def test_pairs_name_an_unknown_row_or_column():
+    with pytest.raises(KeyError, match=r"no row/column \['C', 'RTE'\]"):
+        pairs(SPEC, RECORDS, "A", "C", ("RTE",))
+
+
+def test_paired_test_matches_scipy_and_the_t_interval_by_hand():
+    a, b = pd.Series([80.0, 82.0, 70.0, 75.5]), pd.Series([78.0, 81.0, 70.5, 73.0])
+    got = paired_test(a - b, 0.95)
+    d = (a - b).to_numpy()
+    half = 3.182446305284263 * d.std(ddof=1) / 2  # t_{0.975, 3} · s / √4
+    assert got["n"] == 4 and got["mean"] == pytest.approx(d.mean())
+    assert (got["low"], got["high"]) == (pytest.approx(d.mean() - half), pytest.approx(d.mean() + half))
+    assert got["p"] == pytest.approx(stats.ttest_rel(a, b).pvalue)
+
+
+def test_one_pair_cannot_be_tested():
+    got = paired_test(pd.Series([1.5]), 0.95)
+    assert got["n"] == 1 and got["mean"] == 1.5 and math.isnan(got["low"]) and math.isnan(got["p"])
+
+
+@pytest.mark.parametrize("test, diffs, verdict", [
+    ("equivalent", [0.1, -0.1, 0.2, 0.0], REPRODUCED),      # CI inside ±1
+    ("equivalent", [5.0, 5.2, 4.9, 5.1], NOT_REPRODUCED),   # CI wholly above +1
+    ("equivalent", [3.0, -2.0, 1.0, 0.5], UNDECIDED),       # CI straddles the margin
+    ("not_worse", [-0.5, -0.4, -0.6, -0.5], REPRODUCED),    # worse, but by less than the margin
+    ("not_worse", [-5.0, -5.2, -4.9, -5.1], NOT_REPRODUCED),
+    ("not_worse", [3.0, -4.0, 1.0, 0.5], UNDECIDED),
+])
+def test_verdict_reads_the_interval_against_the_margin(test, diffs, verdict):
+    records = [r for i, d in enumerate(diffs) for r in (record("a", "mrpc", i, 0.5 + d / 100), record("b", "mrpc", i, 0.5))]
+    claim = Claim("c", "toy", "toy", "A", ("B",), test, ("MRPC",))
+    got = evaluate([claim], [SPEC], records, margin=1.0, confidence=0.95)
+    assert got.verdict.tolist() == [verdict] and got.n.tolist() == [4]
+
+
+def test_a_claim_over_several_comparisons():
+    assert overall([REPRODUCED, REPRODUCED]) == REPRODUCED
+    assert overall([REPRODUCED, UNDECIDED]) == UNDECIDED
+    assert overall([UNDECIDED, NOT_REPRODUCED, REPRODUCED]) == NOT_REPRODUCED
+
+
+def test_the_shipped_claims_name_rows_and_columns_of_the_shipped_tables():
+    claims, settings = load_claims(TABLES_CONF.parent / "claims.yaml")
+    specs = {s.name: s for s in load_specs()}
+    assert settings == {"margin": 1.0, "confidence": 0.95} and len(claims) == 9
+    for claim in claims:
+        spec = specs[claim.table]
+        assert {claim.a, *claim.b} <= {r.label for r in spec.rows}, claim.label
+        assert set(claim.tasks) <= {c.label for c in spec.columns}, claim.label
+    table = evaluate(claims, specs.values(), [], **settings)  # no records: every claim undecided, none fails
+    assert set(table.verdict) == {UNDECIDED} and "**undecided**" in render_md(table, **settings)

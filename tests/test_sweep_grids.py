@@ -1,0 +1,199 @@
+"""The Makefile's sweep grids live in ``conf/experiment/sweeps/`` (``hydra.sweeper.params``): each target
+runs exactly the jobs, by config hash, that its command lines ran when the grids were in the Makefile,
+so its sweeps resume on the records already in ``results/``."""
+
+import copy
+import re
+import shutil
+import subprocess
+
+import pytest
+from hydra import initialize_config_dir
+from hydra._internal.config_loader_impl import ConfigLoaderImpl
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import ConfigCompositionException
+from hydra.types import RunMode
+
+from speft_bench import records
+from speft_bench.config import register_schemas
+from speft_bench.launcher import task_config
+
+from conftest import CONF, ROOT
+
+# The command lines of each target before the grids moved (commit d0663b1's Makefile), variables expanded:
+# the overrides after `python -m speft_bench [--multirun]`.
+SALIENCE = "magnitude,gradient,synflow,snip,force,taylor_fo,grasp,fisher"
+CPU = "experiment=cpu_minilm_glue paths.output_dir=results/cpu"
+PROTOCOL = "experiment=cpu_minilm_glue hydra/launcher=local train.num_threads=1 paths.output_dir=results/cpu"
+SEEDS = "task=mrpc,stsb,sst2,rte train.seed=1,2"
+MRPC = "paths.output_dir=results/mrpc_full"
+LLM = "paths.output_dir=results/llm"
+OLD = {
+    "sweep-cpu-speft-table1": [f"{CPU} method=lora,pissa", f"{CPU} method=speft metric={SALIENCE}"],
+    "sweep-cpu-speft-table4": [
+        f"{CPU} method=speft metric=gradient masking=static_global,static_local",
+        f"{CPU} method=speft metric=gradient masking=dynamic_global,dynamic_local masking.interval=100"],
+    "sweep-cpu-spsft": [
+        f"{CPU} method=spsft metric=l2,taylor",
+        f"{CPU} method=spsft metric=qm_taylor task=mrpc,sst2,rte,cola",
+        f"{CPU} method=spsft metric=l2 method.targets=mlp",
+        f"{CPU} method=full train.lr=5e-5",
+        f"{CPU} method=head"],
+    "sweep-cpu-protocol": [
+        f"{PROTOCOL} method=spsft metric=qm_taylor task=mrpc,sst2,rte,cola",
+        f"{PROTOCOL} method=spsft metric=l2 method.targets=mlp",
+        f"{PROTOCOL} method=full train.lr=5e-5",
+        f"{PROTOCOL} method=lora task=mrpc,rte train.lr=5e-5,2e-4",
+        f"{PROTOCOL} method=speft metric=gradient task=mrpc,rte train.lr=5e-5,2e-4",
+        f"{PROTOCOL} method=lora,pissa {SEEDS}",
+        f"{PROTOCOL} method=speft metric={SALIENCE} {SEEDS}",
+        f"{PROTOCOL} method=speft metric=grasp,synflow metric.variant=reference task=mrpc,stsb,sst2,rte "
+        "train.seed=0,1,2",
+        f"{PROTOCOL} method=speft metric=fisher metric.variant=reference task=mrpc,sst2,rte train.seed=0,1,2",
+        f"{PROTOCOL} method=speft metric=gradient masking=static_local {SEEDS}",
+        f"{PROTOCOL} method=speft metric=gradient masking=dynamic_global,dynamic_local masking.interval=100 {SEEDS}"],
+    "results-mrpc": [  # the first two and the last were single runs
+        f"method=lora task=mrpc {MRPC}",
+        f"method=speft metric=gradient task=mrpc {MRPC}",
+        f"method=spsft metric=taylor,qm_taylor,l2 task=mrpc {MRPC}",
+        f"method=spsft metric=taylor method.targets=mlp task=mrpc {MRPC}"],
+    "results-llm": [  # the lines without a comma were single runs
+        f"experiment=cpu_smollm2_commonsense method=pretrained,lora {LLM}",
+        f"experiment=cpu_smollm2_commonsense method=speft metric=gradient {LLM}",
+        f"experiment=cpu_smollm2_commonsense method=spsft metric=l2 {LLM}",
+        f"experiment=cpu_smollm2_gsm8k method=pretrained,lora {LLM}",
+        f"experiment=cpu_smollm2_gsm8k method=speft metric=gradient method.calibration_examples=256 {LLM}",
+        f"experiment=cpu_smollm2_gsm8k method=spsft metric=l2 {LLM}"],
+}
+# What each target runs now, in order (the protocol: most decisive first).
+NEW = {
+    "sweep-cpu-speft-table1": ["speft_table1/lora_pissa", "speft_table1/speft"],
+    "sweep-cpu-speft-table4": ["speft_table4/static", "speft_table4/dynamic"],
+    "sweep-cpu-spsft": ["spsft/l2_taylor", "spsft/qm_taylor", "spsft/l2_mlp", "spsft/full", "spsft/head"],
+    "sweep-cpu-protocol": [
+        "protocol/lora_pissa_seeds", "protocol/speft_gradient_seeds", "protocol/speft_gradient_static_local_seeds",
+        "protocol/speft_gradient_dynamic_seeds", "protocol/lora_lr", "protocol/speft_gradient_lr",
+        "protocol/spsft_qm_taylor", "protocol/spsft_l2_mlp", "protocol/full_lr", "protocol/speft_other_metrics_seeds",
+        "protocol/speft_reference_grasp_synflow", "protocol/speft_reference_fisher"],
+    "results-mrpc": ["mrpc_full/lora", "mrpc_full/speft_gradient", "mrpc_full/spsft", "mrpc_full/spsft_taylor_mlp"],
+    "results-llm": ["llm/commonsense_pretrained_lora", "llm/commonsense_speft", "llm/commonsense_spsft",
+                    "llm/gsm8k_pretrained_lora", "llm/gsm8k_speft", "llm/gsm8k_spsft"],
+}
+OUTPUT = {"results-mrpc": MRPC, "results-llm": LLM}  # the sweep-cpu-* targets write to results/cpu
+
+
+class Sweeps:
+    """A multirun's jobs as Hydra makes them: the master config's ``hydra.sweeper.params`` before the command
+    line's task overrides, the basic sweeper's cartesian product (``Hydra.multirun``, ``BasicSweeper.sweep``),
+    and each job's config composed by the config loader as a launcher does (``load_sweep_config``).
+
+    The master is composed from the command's group choices and hydra overrides only: they are all the
+    sweeper params, the launcher and the jobs' hydra overrides come from (a value override of a swept
+    group, ``metric.variant=reference`` beside ``metric=grasp,synflow``, fails in Hydra's own master).
+    Value overrides are applied after composition (``_load_configuration_impl``), so jobs that differ
+    only in them share one composition of their group choices: ``fast`` applies them to a copy of it
+    with the loader's own ``_apply_overrides_to_config``; ``fast=False`` composes every job."""
+
+    def __init__(self, fast: bool = True):
+        self.hydra = GlobalHydra.instance().hydra
+        self.parser = OverridesParser.create()
+        self.fast = fast
+        self.masters, self.composed = {}, {}
+
+    def is_value(self, override) -> bool:
+        """A config value, not a group choice: as ``defaults_list.Overrides`` tells them apart."""
+        return isinstance(override.value(), dict) or not self.hydra.config_loader.repository.group_exists(
+            override.key_or_group)
+
+    def master(self, command: list[str]):
+        base = tuple(o.input_line for o in self.parser.parse_overrides(command)
+                     if not o.is_sweep_override() and (o.is_hydra_override() or not self.is_value(o)))
+        if base not in self.masters:
+            self.masters[base] = self.hydra.compose_config("config", list(base), run_mode=RunMode.MULTIRUN,
+                                                           with_log_configuration=False)
+        return self.masters[base]
+
+    def jobs(self, command: list[str]) -> list[list[str]]:
+        params = [f"{k}={v}" for k, v in (self.master(command).hydra.sweeper.params or {}).items()]
+        task = [o.input_line for o in self.parser.parse_overrides(command) if not o.is_hydra_override()]
+        [batch] = BasicSweeper.split_arguments(self.parser.parse_overrides([*params, *task]), None)
+        return batch
+
+    def config(self, command: list[str], job: list[str]):
+        master = self.master(command)
+        if not self.fast:
+            return task_config(self.hydra.config_loader.load_sweep_config(master, job))
+        parsed = self.parser.parse_overrides(job)
+        values = [o for o in parsed if self.is_value(o)]
+        groups = tuple(o.input_line for o in parsed if not self.is_value(o))
+        key = (tuple(master.hydra.overrides.hydra), groups)
+        if key not in self.composed:
+            self.composed[key] = self.hydra.config_loader.load_sweep_config(master, list(groups))
+        cfg = copy.deepcopy(self.composed[key])
+        ConfigLoaderImpl._apply_overrides_to_config(values, cfg)
+        return task_config(cfg)
+
+    def hashes(self, command: list[str]) -> list[str]:
+        return [records.config_hash(records.resolved_config(self.config(command, job))) for job in self.jobs(command)]
+
+
+@pytest.fixture(scope="module")
+def sweeps():
+    register_schemas()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        yield Sweeps()
+
+
+def new_command(target: str, name: str) -> list[str]:
+    return [f"experiment=sweeps/{name}", *OUTPUT.get(target, "paths.output_dir=results/cpu").split()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", list(OLD))
+def test_each_target_runs_the_jobs_its_old_command_lines_ran(sweeps, target):
+    old = [h for line in OLD[target] for h in sweeps.hashes(line.split())]
+    new = [h for name in NEW[target] for h in sweeps.hashes(new_command(target, name))]
+    assert len(new) == len(set(new))  # no job twice
+    assert sorted(new) == sorted(old)
+    # the same launcher (the protocol's 2 local jobs) and the same record folder as the old lines
+    launchers = {line: sweeps.master(line.split()).hydra.launcher for line in OLD[target]}
+    [launcher] = {str(v) for v in launchers.values()}
+    for name in NEW[target]:
+        master = sweeps.master(new_command(target, name))
+        assert str(master.hydra.launcher) == launcher, name
+
+
+def test_the_shortcut_composes_as_hydra_does(sweeps):
+    """``Sweeps(fast=True)`` (value overrides on a shared composition) against a full composition per job."""
+    slow = Sweeps(fast=False)
+    for command in (OLD["sweep-cpu-protocol"][-1].split(), new_command("sweep-cpu-protocol", "protocol/full_lr"),
+                    new_command("results-llm", "llm/gsm8k_speft")):
+        jobs = sweeps.jobs(command)
+        for job in (jobs[0], jobs[-1]):
+            fast, full = sweeps.config(command, job), slow.config(command, job)
+            assert records.resolved_config(fast) == records.resolved_config(full)
+
+
+def test_the_old_reference_lines_failed_in_hydra_before_any_job(sweeps):
+    """Why ``metric.variant`` is a sweeper param: on the command line beside ``metric=grasp,synflow`` it was
+    applied to the master config, whose metric is ``none`` (the old protocol stopped at that line)."""
+    line = OLD["sweep-cpu-protocol"][7].split()
+    with pytest.raises(ConfigCompositionException, match="metric.variant"):
+        sweeps.hydra.compose_config("config", line, run_mode=RunMode.MULTIRUN, with_log_configuration=False)
+
+
+def test_every_sweep_config_is_run_by_its_target():
+    folder = CONF / "experiment" / "sweeps"
+    on_disk = sorted(str(p.relative_to(folder).with_suffix("")) for p in folder.rglob("*.yaml"))
+    assert on_disk == sorted(n for names in NEW.values() for n in names)
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+@pytest.mark.parametrize("target", list(NEW))
+def test_the_makefile_target_runs_its_sweeps_in_order(target):
+    dry = subprocess.run(["make", "-n", target], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    lines = [line for line in dry.splitlines() if "-m speft_bench" in line]
+    assert all("--multirun" in line and OUTPUT.get(target, "paths.output_dir=results/cpu") in line for line in lines)
+    assert [re.search(r"experiment=sweeps/(\S+)", line).group(1) for line in lines] == NEW[target]
