@@ -33,6 +33,7 @@ from scipy import stats
 from speft_bench.tables import TableSpec, cell_records, result_configs, runs_by_seed
 
 REPRODUCED, NOT_REPRODUCED, UNDECIDED = "reproduced", "not reproduced", "undecided"
+NAME = "claims"  # <out>/claims.{md,csv}, beside the tables (not a table: make_figures skips it)
 
 
 def _equivalent(low: float, high: float, margin: float) -> str:
@@ -162,7 +163,7 @@ def write_claims(path: Path, specs: Iterable[TableSpec], records: list[dict], ou
     claims, settings = load_claims(path)
     table = evaluate(claims, specs, records, **settings)
     out_dir = Path(out_dir)
-    written = [out_dir / "claims.md", out_dir / "claims.csv"]
+    written = [out_dir / f"{NAME}.md", out_dir / f"{NAME}.csv"]
     written[0].write_text("## The papers' claims on the CPU twins\n\n" + render_md(table, **settings))
     written[1].write_text(table.to_csv(index=False, float_format="%.4f"))
     return written
