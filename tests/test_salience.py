@@ -172,6 +172,10 @@ OLD_DIGESTS = {
     "grasp": "cbd823ab4df0552c", "magnitude": "8e6c924a1e2da594", "snip": "c8219b8074b8ceb2",
     "synflow": "481bdbb9b311c602", "taylor_fo": "c8219b8074b8ceb2",
 }
+# SNIP and Taylor-FO rank by E[g] ⊙ θ, whose float32 product rounds differently on another CPU (same torch,
+# same wheels: the old code at d0663b1 gives the second digest on the 2026-12-02 machine, with no tie at the
+# k-th score), which swaps entries next to the threshold; the mask is that CPU's, not another mask.
+OTHER_CPU_DIGESTS = {"snip": {"65258d04ba23aa8c"}, "taylor_fo": {"65258d04ba23aa8c"}}
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +202,7 @@ def test_masks_are_the_ones_of_the_code_before(mrpc, metric):
     scores = compute_salience(metric, mrpc.model, mrpc.weights, batches)
     k = lora_param_count({n: tuple(w.shape) for n, w in mrpc.weights.items()}, 8)
     assert k == 331_776
-    assert mask_digest(top_k_global(scores, k)) == OLD_DIGESTS[metric]
+    assert mask_digest(top_k_global(scores, k)) in {OLD_DIGESTS[metric], *OTHER_CPU_DIGESTS.get(metric, ())}
 
 
 @pytest.mark.parametrize(("metric", "options"), [("gradient", {}), ("grasp", {}), ("fisher", {"micro_batch": 8})])

@@ -150,8 +150,10 @@ def new_command(target: str, name: str) -> list[str]:
     return [f"experiment=sweeps/{name}", *OUTPUT.get(target, "paths.output_dir=results/cpu").split()]
 
 
+# The two Table 1/4 targets, whose committed records the sweeps resume on (70 jobs, ~30 s); all six targets
+# matched when the grids moved (commit 0675076), but composing their ~400 jobs costs 2 min of the suite.
 @pytest.mark.slow
-@pytest.mark.parametrize("target", list(OLD))
+@pytest.mark.parametrize("target", ["sweep-cpu-speft-table1", "sweep-cpu-speft-table4"])
 def test_each_target_runs_the_jobs_its_old_command_lines_ran(sweeps, target):
     old = [h for line in OLD[target] for h in sweeps.hashes(line.split())]
     new = [h for name in NEW[target] for h in sweeps.hashes(new_command(target, name))]
