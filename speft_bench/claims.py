@@ -69,6 +69,8 @@ def load_claims(path: Path) -> tuple[list[Claim], dict[str, Any]]:
     """The claims of ``path`` and its settings (``margin``, ``confidence``); ``tasks`` is each claim's default."""
     doc = yaml.safe_load(Path(path).read_text())
     settings = {"margin": float(doc["margin"]), "confidence": float(doc["confidence"])}
+    if not (settings["margin"] >= 0 and 0 < settings["confidence"] < 1):
+        raise ValueError(f"{path}: margin must be >= 0 and confidence in (0, 1); got {settings}")
     claims = []
     for c in doc["claims"]:
         b = c["b"] if isinstance(c["b"], list) else [c["b"]]

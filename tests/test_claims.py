@@ -89,3 +89,11 @@ def test_the_shipped_claims_name_rows_and_columns_of_the_shipped_tables():
         assert set(claim.tasks) <= {c.label for c in spec.columns}, claim.label
     table = evaluate(claims, specs.values(), [], **settings)  # no records: every claim undecided, none fails
     assert set(table.verdict) == {UNDECIDED} and "**undecided**" in render_md(table, **settings)
+
+
+@pytest.mark.parametrize("settings", ["margin: -1.0\nconfidence: 0.95", "margin: 1.0\nconfidence: 95"])
+def test_bad_claim_settings_name_the_keys(tmp_path, settings):
+    path = tmp_path / "claims.yaml"
+    path.write_text(settings + "\ntasks: [MRPC]\nclaims: []\n")
+    with pytest.raises(ValueError, match=r"margin must be >= 0 and confidence in \(0, 1\)"):
+        load_claims(path)
