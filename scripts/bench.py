@@ -41,7 +41,8 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "results" / "bench"
-OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
 os.environ.update(OFFLINE)
 MMAP = {"MALLOC_MMAP_THRESHOLD_": "131072"}  # freed tensors > 128 KiB go back to the OS: RSS follows live tensors
 
@@ -78,18 +79,6 @@ def load_typed(typed: dict) -> tuple[nn.Module, object, bool]:
     if spec.family is Family.encoder:
         return load_model(spec, typed["task"], source, load_tokenizer(source, spec), torch.float32), spec, True
     return load_causal_lm(spec, source, torch.float32), spec, False
-
-
-def attach_harness_method(model: nn.Module, cfg, typed: dict) -> nn.Module:
-    """The run's own method, ``METHODS[method.name]().prepare``, on ``model``: exactly what a run trains.
-
-    No calibration data (every draw is empty): SPEFT and SPSFT must use a data-free metric (magnitude, l2) —
-    which entries or rows train changes neither the time nor the memory of a step."""
-    from speft_bench.methods import METHODS
-    from speft_bench.methods.base import MethodContext
-
-    ctx = MethodContext(cfg, typed, calibration_batches=lambda *_: [])
-    return METHODS[typed["method"].name]().prepare(model, ctx).model
 
 
 def supertuning(r: int) -> Callable:
@@ -152,6 +141,7 @@ VARIANTS = ["floor", *HARNESS, *PEFT_ONLY]
 
 def build(model_name: str, variant: str, r: int, scope: str):
     """The model with ``variant`` applied on the ``scope`` targets, and only its parameters trainable."""
+    from speft_bench.methods.base import prepare_without_data
     from speft_bench.models import head_parameters, targets_for
     from speft_bench.schemas import TargetScope
 
@@ -160,7 +150,7 @@ def build(model_name: str, variant: str, r: int, scope: str):
     model, spec, classifier = load_typed(typed)
     head = frozenset(head_parameters(model)) if classifier else frozenset()
     if variant in HARNESS:
-        model = attach_harness_method(model, cfg, typed)
+        model = prepare_without_data(model, cfg, typed).model
     elif variant in PEFT_ONLY:
         model = attach_peft_only(model, variant, r, targets_for(model, spec, TargetScope[scope]), head)
     else:  # floor
@@ -268,8 +258,10 @@ def steps(args) -> None:
                      f"| {row['train_mb'] - fl['train_mb']:.0f} |")
     timing = "in the memory process" if args.single_pass else "in a separate process"
     note = (f"\n`python scripts/bench.py steps {' '.join(args.argv)}` on {machine()}; {args.threads} threads, "
-            f"median of {args.rounds}×{args.steps} steps ({timing}); memory: peak RSS with MALLOC_MMAP_THRESHOLD_=131072.\n")
-    save(args.name, {"machine": machine(), "args": args.argv, "rows": rows}, header + "\n" + "\n".join(lines) + "\n" + note)
+            f"median of {args.rounds}×{args.steps} steps ({timing}); "
+            f"memory: peak RSS with MALLOC_MMAP_THRESHOLD_=131072.\n")
+    save(args.name, {"machine": machine(), "args": args.argv, "rows": rows},
+         header + "\n" + "\n".join(lines) + "\n" + note)
 
 
 def salience(args) -> None:
@@ -291,8 +283,10 @@ def salience(args) -> None:
     source = resolve_pretrained(typed["model"], typed["paths"].cache_dir)
     tokenizer = load_tokenizer(source, typed["model"])
     model = load_model(typed["model"], typed["task"], source, tokenizer, torch.float32)
-    train = TokenizedSplit(load_glue(typed["task"], typed["paths"].data_root)["train"], tokenizer, typed["task"].max_length)
-    batches = calibration_sampler(train, DataCollatorWithPadding(tokenizer), 0, torch.device("cpu"))(0, args.examples, 16)
+    train = TokenizedSplit(load_glue(typed["task"], typed["paths"].data_root)["train"], tokenizer,
+                           typed["task"].max_length)
+    batches = calibration_sampler(train, DataCollatorWithPadding(tokenizer), 0,
+                                  torch.device("cpu"))(0, args.examples, 16)
     weights = {n: m.weight for n, m in targets_for(model, typed["model"], TargetScope.all).items()}
     shapes = {n: tuple(w.shape) for n, w in weights.items()}
     k = lora_param_count(shapes, 8)
@@ -313,7 +307,8 @@ def salience(args) -> None:
     density = {m: density_per_layer({n: list(v) for n, v in mask.items()}, shapes) for m, mask in masks.items()}
     lines = ["| metric | seconds for 1024 MRPC examples |", "|---|---:|"]
     lines += [f"| {m} | {s:.1f} |" for m, s in seconds.items()]
-    note = f"\n`python scripts/bench.py salience` on {machine()}; {args.threads} threads; MiniLM-L6, 36 target linears.\n"
+    note = (f"\n`python scripts/bench.py salience` on {machine()}; {args.threads} threads; "
+            "MiniLM-L6, 36 target linears.\n")
     save("salience", {"machine": machine(), "examples": args.examples, "budget": k, "seconds": seconds,
                       "histogram_edges_log10": edges.tolist(), "histograms": histograms, "jaccard": jaccard,
                       "density_per_layer": density}, "\n".join(lines) + "\n" + note)
@@ -330,7 +325,8 @@ def kernels(args) -> None:
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
     rows = []
-    lines = ["| d_out×d_in | density | dtype | dense ms | sampled ms | faster | pick |", "|---|---:|---|---:|---:|---|---|"]
+    lines = ["| d_out×d_in | density | dtype | dense ms | sampled ms | faster | pick |",
+             "|---|---:|---|---:|---:|---|---|"]
     for d_out, d_in in args.shapes:
         for density in [args.lora_rank * (d_out + d_in) / (d_out * d_in), *args.densities]:
             k = int(density * d_out * d_in)
@@ -350,8 +346,8 @@ def kernels(args) -> None:
                 pick = choose_value_grad(d_out, d_in, k, dtype)
                 rows.append({"d_out": d_out, "d_in": d_in, "k": k, "density": density, "dtype": dtype_name, **ms,
                              "pick": pick})
-                lines.append(f"| {d_out}×{d_in} | {density:.3f} | {dtype_name} | {ms['dense']:.1f} | {ms['sampled']:.1f} "
-                             f"| {min(ms, key=ms.get)} | {pick} |")
+                lines.append(f"| {d_out}×{d_in} | {density:.3f} | {dtype_name} | {ms['dense']:.1f} "
+                             f"| {ms['sampled']:.1f} | {min(ms, key=ms.get)} | {pick} |")
                 print(lines[-1], flush=True)
     note = (f"\n`python scripts/bench.py kernels {' '.join(args.argv)}` on {machine()}; {args.threads} threads; "
             f"{args.tokens} tokens; best of {args.repeats}.\n")
@@ -543,23 +539,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("steps", help="step time and memory per method")
-    p.add_argument("--models", type=parse_model, nargs="+", default=[("minilm_l6", 16, 128), ("smollm2_135m", 16, 128)],
+    p.add_argument("--models", type=parse_model, nargs="+",
+                   default=[("minilm_l6", 16, 128), ("smollm2_135m", 16, 128)],
                    help="model[:BxT], e.g. smollm2_135m:16x256")
-    p.add_argument("--variants", nargs="+", default=["floor", "lora", "speft", "supertuning", "shira"], choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=["floor", "lora", "speft", "supertuning", "shira"],
+                   choices=list(VARIANTS))
     p.add_argument("--scopes", nargs="+", default=["all"], choices=["all", "mlp", "attention"])
     p.add_argument("--r", type=int, default=8, help="LoRA rank R that sets every method's budget")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--name", default="steps", help="results/bench/<name>.{json,md}")
     p.add_argument("--single-pass", action="store_true",
-                   help="time the steps in the memory process too (half the cost; mmap'd allocations are a little slower)")
+                   help="time the steps in the memory process too "
+                        "(half the cost; mmap'd allocations are a little slower)")
     p = sub.add_parser("salience", help="seconds per SPEFT metric on 1024 MRPC examples")
     p.add_argument("--examples", type=int, default=1024)
     p = sub.add_parser("kernels", help="SPEFT value-gradient kernels alone")
-    p.add_argument("--shapes", type=parse_shape, nargs="+", default=[(384, 384), (1536, 384), (384, 1536), (1024, 1024)],
+    p.add_argument("--shapes", type=parse_shape, nargs="+",
+                   default=[(384, 384), (1536, 384), (384, 1536), (1024, 1024)],
                    help="d_outxd_in, e.g. 14336x4096 (default: MiniLM-L6's)")
     p.add_argument("--tokens", type=int, default=16 * 128)
-    p.add_argument("--lora-rank", type=int, default=8, help="the first density: LoRA-r-matched, r·(d_out + d_in) entries")
+    p.add_argument("--lora-rank", type=int, default=8,
+                   help="the first density: LoRA-r-matched, r·(d_out + d_in) entries")
     p.add_argument("--densities", type=float, nargs="*", default=[0.05, 0.2])
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=list(DTYPES))
     p.add_argument("--repeats", type=int, default=7)

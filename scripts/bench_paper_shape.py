@@ -38,8 +38,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import (MMAP, OUT, attach_harness_method, attach_peft_only, harness_config, machine,  # noqa: E402
-                   reset_peak, rss_mb)
+from bench import MMAP, OUT, attach_peft_only, harness_config, machine, reset_peak, rss_mb  # noqa: E402
 
 FULL_DEPTH = {"llama2_7b": 32, "llama3_8b": 32}
 # variant -> harness overrides (the budget: LoRA r = 64 on all seven linears, SPSFT r = 128 = 2R, as Table 7),
@@ -61,7 +60,8 @@ VARIANTS = {
     "full": ("method=full",),
 }
 PAPER = Path(__file__).resolve().parent.parent / "results" / "paper" / "spsft_table7.csv"
-PAPER_ROWS = {"lora_dropout0.1": "LoRA, r = 64", "dora": "DoRA, r = 64", "spsft": "SPSFT, r = 128",  # the paper: dropout 0.1
+# lora_dropout0.1: the paper's LoRA uses dropout 0.1
+PAPER_ROWS = {"lora_dropout0.1": "LoRA, r = 64", "dora": "DoRA, r = 64", "spsft": "SPSFT, r = 128",
               "fa_lora": "FA-LoRA, r = 64", "fa_spsft": "FA-SPSFT, r = 128"}
 PAPER_MODELS = {"llama2_7b": "Llama2(7B)", "llama3_8b": "Llama3(8B)"}
 
@@ -101,6 +101,7 @@ def build(args):
     """(model, typed train spec, device): the shape cut to ``args.layers`` blocks, the variant attached."""
     from speft_bench import precision
     from speft_bench.device import resolve_device
+    from speft_bench.methods.base import prepare_without_data
     from speft_bench.models import load_causal_lm, targets_for
     from speft_bench.schemas import TargetScope
 
@@ -112,7 +113,7 @@ def build(args):
     torch.manual_seed(0)
     model = load_causal_lm(typed["model"], None, precision.body_dtype(args.precision), str(device))
     if isinstance(spec, tuple):
-        model = attach_harness_method(model, cfg, typed)  # METHODS[method.name]().prepare, data-free metrics
+        model = prepare_without_data(model, cfg, typed).model  # the harness's method, data-free metrics
     elif spec == "peft":  # a peft-only variant on all seven linears
         model = attach_peft_only(model, args.variant, 64, targets_for(model, typed["model"], TargetScope.all))
     else:
@@ -150,7 +151,8 @@ def worker(args) -> dict:
                 loss = model(**batch).loss
         loss.backward()
         if step == 0:
-            row["gradients_mb"] = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None) / 2**20
+            row["gradients_mb"] = sum(p.grad.numel() * p.grad.element_size()
+                                      for p in params if p.grad is not None) / 2**20
         if optimizer is not None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -231,7 +233,8 @@ def report(rows: list[dict], args) -> str:
             if len(got) < 2:
                 continue
             ns = [r["layers"] for r in got]
-            fits[key] = {m: fit(ns, [r[m] * gb for r in got], FULL_DEPTH[key[0]]) for m in ("mem_M_mb", "mem_TTL_mb", "mem_mb")}
+            fits[key] = {m: fit(ns, [r[m] * gb for r in got], FULL_DEPTH[key[0]])
+                         for m in ("mem_M_mb", "mem_TTL_mb", "mem_mb")}
         for (model, prec, variant), f in fits.items():
             lora = fits.get((model, prec, "lora"))
             ratio = f"{f['mem_mb']['extrapolated'] / lora['mem_mb']['extrapolated']:.2f}" if lora else "—"
@@ -240,9 +243,11 @@ def report(rows: list[dict], args) -> str:
                       f"| {f['mem_TTL_mb']['extrapolated']:.2f} | {f['mem_mb']['extrapolated']:.2f} ({res}) | {ratio} "
                       f"| {paper_value(model, variant, 'mem_TTL')} | {paper_value(model, variant, 'mem')} |\n")
             out += lines_
+    memory = ("max_memory_allocated" if args.device.startswith("cuda")
+              else "peak RSS (VmHWM, MALLOC_MMAP_THRESHOLD_=131072)")
     out += (f"\n`python scripts/bench_paper_shape.py {' '.join(args.argv)}` on {machine()}; batch "
             f"{args.batch_size}×{args.seq_len}; {args.threads} threads; {args.steps} timed step(s) after one warm-up; "
-            f"memory: {'max_memory_allocated' if args.device.startswith('cuda') else 'peak RSS (VmHWM, MALLOC_MMAP_THRESHOLD_=131072)'}.\n")
+            f"memory: {memory}.\n")
     return out
 
 
@@ -257,7 +262,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1, help="timed steps after one warm-up step")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--out", type=Path, default=OUT / "paper_shape.json", help="JSON; the table goes beside it (.md)")
+    parser.add_argument("--out", type=Path, default=OUT / "paper_shape.json",
+                        help="JSON; the table goes beside it (.md)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # model,layers,precision,variant: one configuration
     args = parser.parse_args()
     args.argv = [a for a in sys.argv[1:] if not a.startswith("--worker")]
@@ -279,7 +285,8 @@ def main() -> None:
                         rows.append(key | {"error": str(err).strip().splitlines()[-1][:120]})
                     print(json.dumps(rows[-1]), flush=True)
                     args.out.parent.mkdir(parents=True, exist_ok=True)
-                    data = {"machine": machine(), "command": "python scripts/bench_paper_shape.py " + " ".join(args.argv),
+                    data = {"machine": machine(),
+                            "command": "python scripts/bench_paper_shape.py " + " ".join(args.argv),
                             "rows": rows}
                     args.out.write_text(json.dumps(data, indent=2))  # after every row: a killed bench keeps its rows
                     args.out.with_suffix(".md").write_text(report(rows, args))

@@ -24,6 +24,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+
 from speft_bench import claims  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,7 +49,8 @@ def salience_figures(data: dict, out: Path) -> None:
     layers = list(next(iter(data["density_per_layer"].values())))
     fig, ax = plt.subplots(figsize=(14, 4.5))
     for metric in metrics:
-        ax.plot(range(len(layers)), [100 * data["density_per_layer"][metric][n] for n in layers], marker=".", label=metric)
+        ax.plot(range(len(layers)), [100 * data["density_per_layer"][metric][n] for n in layers], marker=".",
+                label=metric)
     ax.set_xticks(range(len(layers)), [short(n) for n in layers], rotation=90, fontsize=7)
     ax.set_ylabel("mask density (%)")
     ax.set_title(f"Per-layer density of each metric's mask (MiniLM-L6, {data['budget']:,} entries = LoRA r=8, global)")

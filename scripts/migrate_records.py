@@ -27,6 +27,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from speft_bench import PROJECT_ROOT, records  # noqa: E402
 from speft_bench.config import register_schemas  # noqa: E402
 
+
 def _dynamic(config: dict[str, Any]) -> bool:
     return bool(config.get("masking", {}).get("dynamic")) and config.get("method", {}).get("name") == "speft"
 
@@ -62,6 +63,9 @@ MIGRATIONS = [
     {"name": "checkpoints inside a run: train.checkpoint_every",
      # committed runs saved no periodic checkpoint (null); a checkpoint never changes a run's numbers
      "added": {"train.checkpoint_every": None}},
+    {"name": "dead knob train.optimizer removed; train.schedule real (linear, cosine, constant)",
+     # AdamW, its only value, is what every run used; linear, the committed runs' schedule, is still the default
+     "removed": {"train.optimizer": "adamw"}},
 ]
 
 

@@ -4,7 +4,7 @@ An adapter is a safetensors file of per-layer tensors, ``<layer name>.<part>``, 
 ``dense/<parameter name>``: every parameter outside the tuner's layers that the run trained or
 initialised itself (the task head, which no base checkpoint has; SPSFT's trained norms), so that the
 file on the base model is the trained model.  String metadata: one JSON-encoded value per key plus a
-``format`` marker that names the method and version.  Each method's ``load_adapter`` reads it with
+``format`` marker that names the method and version.  Each tuner's ``load`` reads it with
 :func:`read_adapter`, checks every tensor against the model with the helpers below, and only then
 changes the model, so a bad file never half-applies.
 """
@@ -17,11 +17,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-import torch
 from torch import Tensor, nn
-
 
 FILE = "adapter.safetensors"  # the adapter's name in a run folder
 DENSE = "dense/"  # key prefix of the dense tensors: "/" never occurs in a module name
@@ -49,7 +48,8 @@ def frozen_weight(ctx, layer: str) -> Tensor:
 
 
 def compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
-    """The dtype a sparse tuner's Function computes in: autocast's where autocast would cast the weight, else the weight's.
+    """The dtype a sparse tuner's Function computes in: autocast's where autocast would cast the weight,
+    else the weight's.
 
     Its input, frozen weight and trainable tensor (an fp32 master in a bf16 body) are all cast to it, so
     they meet in one dtype; the output comes out in it, and backward, which runs without autocast, takes
@@ -114,7 +114,7 @@ def write_adapter(path: str | Path, tensors: dict[str, Tensor], metadata: dict[s
                   dense: dict[str, Tensor]) -> None:
     """Save the layers' ``tensors`` and the ``dense`` ones with ``metadata`` (each value JSON-encoded) under ``fmt``."""
     if "format" in metadata:
-        raise ValueError("save_adapter: metadata key 'format' is reserved for the file format")
+        raise ValueError("save: metadata key 'format' is reserved for the file format")
     header = {key: json.dumps(value) for key, value in metadata.items()} | {"format": fmt}
     everything = tensors | {DENSE + name: t.contiguous() for name, t in dense.items()}
     save_file(everything, str(path), metadata=header)

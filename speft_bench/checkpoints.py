@@ -7,7 +7,7 @@ new one, whole).  A checkpoint holds what decides the rest of the run, so a resu
 and metrics are bit-identical to an uninterrupted run's (on CPU; ``tests/test_checkpoints.py``):
 
 * the trainable tensors by name, and the layers' selections: a SPEFT layer's mask (flat indices) and the W
-  entries earlier dynamic masks merged into (their positions and values: as ``save_adapter`` stores
+  entries earlier dynamic masks merged into (their positions and values: as ``SPARSE_DELTAS.save`` stores
   them), an SPSFT layer's rows; the rest of the model is what ``prepare()`` rebuilds from the config;
 * the optimizer's and the lr schedule's state;
 * the RNG states (python, numpy, torch, CUDA) as the next step will find them;
@@ -41,9 +41,9 @@ from torch import nn
 from speft_bench import records
 from speft_bench.errors import ConfigError
 from speft_bench.methods.speft.layer import SparseDeltaLinear
-from speft_bench.methods.speft.model import sparse_deltas
+from speft_bench.methods.speft.model import SPARSE_DELTAS
 from speft_bench.methods.spsft.layer import RowDeltaLinear
-from speft_bench.methods.spsft.model import row_deltas
+from speft_bench.methods.spsft.model import ROW_DELTAS
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,8 @@ def model_state(model: nn.Module) -> dict[str, Any]:
     """The trainable parameters by name, and each sparse layer's selection (and W entries merged under
     earlier masks): what training changed in ``model`` since ``prepare()``."""
     sparse = {name: {"indices": m.indices, "base_touched": m.base_touched, "base_weight": m.merged_entries()}
-              for name, m in sparse_deltas(model).items()}
-    rows = {name: m.rows for name, m in row_deltas(model).items()}
+              for name, m in SPARSE_DELTAS.layers(model).items()}
+    rows = {name: m.rows for name, m in ROW_DELTAS.layers(model).items()}
     params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
     return {"parameters": params, "sparse_deltas": sparse, "row_deltas": rows}
 

@@ -74,7 +74,8 @@ def load_claims(path: Path) -> tuple[list[Claim], dict[str, Any]]:
     claims = []
     for c in doc["claims"]:
         b = c["b"] if isinstance(c["b"], list) else [c["b"]]
-        claim = Claim(c["label"], c["source"], c["table"], c["a"], tuple(b), c["test"], tuple(c.get("tasks", doc["tasks"])))
+        claim = Claim(c["label"], c["source"], c["table"], c["a"], tuple(b), c["test"],
+                      tuple(c.get("tasks", doc["tasks"])))
         if claim.test not in VERDICTS:
             raise ValueError(f"claim {claim.label!r}: test={claim.test!r}; allowed: {sorted(VERDICTS)}")
         claims.append(claim)
@@ -83,7 +84,8 @@ def load_claims(path: Path) -> tuple[list[Claim], dict[str, Any]]:
 
 def seed_values(records: list[dict], metric: str) -> dict[Any, float]:
     """``{seed: metric×100}`` of the completed runs (`tables.runs_by_seed`)."""
-    return {seed: 100 * r["metrics"][metric] for seed, r in runs_by_seed(records).items() if r.get("status") == "completed"}
+    return {seed: 100 * r["metrics"][metric] for seed, r in runs_by_seed(records).items()
+            if r.get("status") == "completed"}
 
 
 def pairs(spec: TableSpec, records: Iterable[dict], a: str, b: str, tasks: tuple[str, ...]) -> pd.DataFrame:
@@ -99,7 +101,8 @@ def pairs(spec: TableSpec, records: Iterable[dict], a: str, b: str, tasks: tuple
         col = columns[task]
         va = seed_values(cell_records(spec, rows[a], col, flat), col.metric)
         vb = seed_values(cell_records(spec, rows[b], col, flat), col.metric)
-        lines += [{"task": task, "seed": s, "a": va[s], "b": vb[s], "diff": va[s] - vb[s]} for s in sorted(set(va) & set(vb))]
+        lines += [{"task": task, "seed": s, "a": va[s], "b": vb[s], "diff": va[s] - vb[s]}
+                  for s in sorted(set(va) & set(vb))]
     return pd.DataFrame(lines, columns=["task", "seed", "a", "b", "diff"])
 
 
@@ -111,7 +114,8 @@ def paired_test(diffs: pd.Series, confidence: float) -> dict[str, float]:
                 "high": math.nan, "p": math.nan}
     mean, std = diffs.mean(), diffs.std(ddof=1)
     half = stats.t.ppf(0.5 + confidence / 2, n - 1) * std / math.sqrt(n)
-    p = 1.0 if std == 0 and mean == 0 else (0.0 if std == 0 else 2 * stats.t.sf(abs(mean) / (std / math.sqrt(n)), n - 1))
+    p = 1.0 if std == 0 and mean == 0 else (0.0 if std == 0
+                                            else 2 * stats.t.sf(abs(mean) / (std / math.sqrt(n)), n - 1))
     return {"n": n, "mean": mean, "std": std, "low": mean - half, "high": mean + half, "p": p}
 
 
@@ -154,8 +158,9 @@ def render_md(table: pd.DataFrame, margin: float, confidence: float) -> str:
         out.append("| :--- | :--- | :--- | ---: | ---: | ---: | ---: | ---: | :--- |")
         for line in group.itertuples():
             ci = "—" if math.isnan(line.low) else f"[{line.low:+.2f}, {line.high:+.2f}]"
-            out.append(f"| {line.comparison} | {line.tasks or '—'} | {line.seeds or '—'} | {line.n} | {_num(line.mean)} | "
-                       f"{_num(line.std, '.2f')} | {ci} | {_num(line.p, '.3f')} | {line.verdict} |")
+            out.append(f"| {line.comparison} | {line.tasks or '—'} | {line.seeds or '—'} | {line.n} "
+                       f"| {_num(line.mean)} | {_num(line.std, '.2f')} | {ci} | {_num(line.p, '.3f')} "
+                       f"| {line.verdict} |")
         out.append("")
     return "\n".join(out)
 

@@ -57,8 +57,7 @@ from speft_bench.adapters import wrap_linears
 from speft_bench.config import validate
 from speft_bench.errors import ConfigError
 from speft_bench.masking import local_budgets
-from speft_bench.methods import METHODS
-from speft_bench.methods.base import MethodContext, Prepared, freeze_all_but
+from speft_bench.methods.base import Prepared, freeze_all_but, prepare_without_data
 from speft_bench.methods.lora.config import LoraInit
 from speft_bench.methods.speft.layer import SparseDeltaLinear
 from speft_bench.methods.speft.method import budget as speft_budget
@@ -99,7 +98,8 @@ BERT = Architecture(norms=2, mlp_maps=1, out_proj="attention.output.dense", drop
 ARCHITECTURES: dict[str, Architecture] = {  # by transformers' config.model_type
     "llama": LLAMA,
     "qwen2": LLAMA,
-    "gemma2": dataclasses.replace(LLAMA, norms=4, score_maps=2, logit_maps=1, attention_dropout_key="attention_dropout"),
+    "gemma2": dataclasses.replace(LLAMA, norms=4, score_maps=2, logit_maps=1,
+                                  attention_dropout_key="attention_dropout"),
     "opt": Architecture(norms=2, mlp_maps=1, out_proj="self_attn.out_proj", free_inputs=("fc2",), dropouts=2,
                         dropout_key="dropout", intermediate_key="ffn_dim"),
     "bert": BERT,
@@ -113,7 +113,8 @@ ARCHITECTURES: dict[str, Architecture] = {  # by transformers' config.model_type
 # scores are per row, its Taylor pass one fp32 gradient buffer.
 SALIENCE_MEMORY: dict[str, tuple[float, bool]] = {
     "magnitude": (1.0, False),  # |θ| into the fp32 score buffers
-    "gradient": (1.15, True), "snip": (1.15, True), "force": (1.15, True), "taylor_fo": (1.15, True),  # E[g] + one layer's .grad
+    # E[g] + one layer's .grad
+    "gradient": (1.15, True), "snip": (1.15, True), "force": (1.15, True), "taylor_fo": (1.15, True),
     "fisher": (1.15, True),  # E[g²], one micro-batch's gradients folded in layer by layer
     "grasp": (3.3, True),  # E[g], Hg and the double backward's first contribution per weight
     "synflow": (1.2, False),  # scores, packed sign bits, one float64 row chunk
@@ -183,7 +184,8 @@ class Body:
             raise ConfigError(f"dry_run=true has no activation model for model_type={model_type!r}; "
                               f"known: {', '.join(sorted(ARCHITECTURES))}")
         depth = model.config.num_hidden_layers  # the blocks: the ModuleList as long as the model is deep
-        name, blocks = next((n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == depth)
+        name, blocks = next((n, m) for n, m in model.named_modules()
+                            if isinstance(m, nn.ModuleList) and len(m) == depth)
         sites = [{f"{name}.{i}.{n}": (f"{name}.{i}.{n}".rpartition(".")[0], m.in_features)
                   for n, m in block.named_modules() if isinstance(m, nn.Linear)} for i, block in enumerate(blocks)]
         arch = ARCHITECTURES[model_type]
@@ -226,8 +228,9 @@ def activation_bytes(body: Body, model: nn.Module, trains: Trains, first: int, s
         norm_weights = sum(1 for m in block.modules() if is_norm(m) and getattr(m, "weight", None) is not None
                            and m.weight.requires_grad) if training else 0
         per_block.append(block_bytes(body.arch, body.dims, model.config, sequences, seq,
-                                     kept_inputs(body, model, sites, trains, training), norm_weights, act_bytes, training,
-                                     body.eager))
+                                     kept_inputs(body, model, sites, trains, training), norm_weights, act_bytes,
+                                     training, body.eager))
+
     largest = max(per_block, default=0)
     if checkpointing:  # each block keeps its input; one is recomputed at a time in backward
         return len(per_block) * sequences * seq * body.dims.hidden * act_bytes + largest, largest
@@ -246,10 +249,6 @@ def buffer_bytes(model: nn.Module) -> int:
 
 
 # --------------------------------------------------------------------------- methods on the meta device
-def _no_data(*_args):
-    raise RuntimeError("a dry run draws no calibration data")
-
-
 def _sparse_placeholder(linear: nn.Linear, k: int) -> SparseDeltaLinear:
     """A SparseDeltaLinear with k entries on a meta ``linear``: ``set_mask`` checks index values, which
     meta tensors do not have, so it is built on an empty CPU mask and given meta indices and values."""
@@ -291,7 +290,7 @@ def spsft_placeholder(model: nn.Module, cfg: DictConfig, typed: dict[str, Any]) 
 def pissa_placeholder(model: nn.Module, cfg: DictConfig, typed: dict[str, Any]) -> Prepared:
     """PiSSA's adapters initialised as LoRA's: the same parameters, without the SVD of weights meta lacks."""
     gaussian = typed | {"method": dataclasses.replace(typed["method"], init=LoraInit.gaussian)}
-    return METHODS["pissa"]().prepare(model, MethodContext(cfg, gaussian, _no_data))
+    return prepare_without_data(model, cfg, gaussian)
 
 
 # method.name -> how the dry run attaches it; others run their own prepare (it needs no data)
@@ -314,7 +313,7 @@ def attach(model: nn.Module, cfg: DictConfig, typed: dict[str, Any]) -> Prepared
     with torch.device("meta"):
         if name in PLACEHOLDERS:
             return PLACEHOLDERS[name](model, cfg, typed)
-        return METHODS[name]().prepare(model, MethodContext(cfg, typed, _no_data))
+        return prepare_without_data(model, cfg, typed)
 
 
 # --------------------------------------------------------------------------- the dry run

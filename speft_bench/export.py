@@ -89,11 +89,11 @@ def merged(model: nn.Module) -> nn.Module:
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils import ModulesToSaveWrapper
 
-    from speft_bench.methods.speft.model import detach_sparse_deltas
-    from speft_bench.methods.spsft.model import detach_row_deltas
+    from speft_bench.methods.speft.model import SPARSE_DELTAS
+    from speft_bench.methods.spsft.model import ROW_DELTAS
 
-    detach_sparse_deltas(model, merge=True)
-    detach_row_deltas(model, merge=True)
+    SPARSE_DELTAS.detach(model, merge=True)
+    ROW_DELTAS.detach(model, merge=True)
     for name, module in list(model.named_modules()):
         if isinstance(module, BaseTunerLayer):  # LoRA / PiSSA / DoRA: W += scaling·BA (DoRA: rescaled)
             module.merge()

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from speft_bench.errors import ConfigError
-from speft_bench.schemas import ModelInit, ModelSchema, TaskSchema, TargetScope
+from speft_bench.schemas import ModelInit, ModelSchema, TargetScope, TaskSchema
 
 # Top-level modules that form a sequence-classification head in transformers
 # (BERT/RoBERTa/MiniLM: classifier; OPT/Llama: score; DeBERTa: pooler + classifier).
@@ -40,7 +40,8 @@ class ModelSourceError(RuntimeError):
 
 def hub_reachable(timeout: float = 3.0) -> bool:
     """False when an offline flag is set or the hub's host does not answer within ``timeout``."""
-    if any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")):
+    if any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+           for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")):
         return False
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
     try:

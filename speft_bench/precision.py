@@ -1,4 +1,5 @@
-"""Numerical precision of a run (``train.precision``, ``train.master_fp32``): weights' dtypes and the forward's autocast.
+"""Numerical precision of a run (``train.precision``, ``train.master_fp32``): weights' dtypes and the
+forward's autocast.
 
 - ``fp32``: everything in float32.
 - ``bf16``: the frozen body is stored and run in bfloat16 (the model is loaded in it).

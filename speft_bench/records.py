@@ -11,8 +11,8 @@ import os
 import platform
 import subprocess
 import tempfile
-from importlib.metadata import PackageNotFoundError, version
 from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 

@@ -20,7 +20,11 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Subset
-from transformers import get_linear_schedule_with_warmup
+from transformers import (
+    get_constant_schedule_with_warmup,
+    get_cosine_schedule_with_warmup,
+    get_linear_schedule_with_warmup,
+)
 
 from speft_bench import cluster, precision, records
 from speft_bench.batches import loss_terms, to_device, weighted_pieces
@@ -111,9 +115,22 @@ def enable_gradient_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+# train.schedule -> (optimizer, warmup steps, total steps) -> the learning-rate scheduler (schemas.SCHEDULES)
+SCHEDULERS = {
+    "linear": get_linear_schedule_with_warmup,
+    "cosine": get_cosine_schedule_with_warmup,
+    "constant": lambda optimizer, warmup, _total: get_constant_schedule_with_warmup(optimizer, warmup),
+}
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, spec: TrainSchema, total: int):
+    """``train.schedule`` after ``ceil(warmup_ratio · total)`` steps of linear warmup from 0."""
+    return SCHEDULERS[spec.schedule](optimizer, math.ceil(spec.warmup_ratio * total), total)
+
+
 def train(model, loader: DataLoader, spec: TrainSchema, on_step, logger: RunLogger, device: torch.device,
           checkpoints: Checkpoints | None = None) -> dict[str, Any]:
-    """AdamW + linear warmup/decay over the trainable parameters; returns the loss curve.
+    """AdamW + warmup and ``train.schedule`` over the trainable parameters; returns the loss curve.
 
     With ``checkpoints``: resumes from its checkpoint, saves one when due, and stops after the step a
     stop signal arrived in (the result then has ``interrupted``).
@@ -123,7 +140,7 @@ def train(model, loader: DataLoader, spec: TrainSchema, on_step, logger: RunLogg
         return {"steps": 0, "epochs": 0.0, "loss_curve": []}
     total = spec.max_steps or math.ceil(spec.epochs * len(loader))
     optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
-    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(spec.warmup_ratio * total), total)
+    scheduler = make_scheduler(optimizer, spec, total)
     resumed = checkpoints and checkpoints.resume(model, optimizer, scheduler, on_step, len(loader), total)
     at = resumed[0] if resumed else Position()  # step, loss curve, logging window, place in the data order
     result = {"resumed_from": at.step, "resumed_checkpoint": str(checkpoints.resume_from)} if resumed else \

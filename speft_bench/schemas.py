@@ -110,7 +110,9 @@ class ModelSchema:
     def __post_init__(self) -> None:
         check_positive("model.num_layers", self.num_layers, allow_none=True)
         missing = {s.name for s in TargetScope} - set(self.targets)
-        check(not missing, f"model.targets must define a regex for every scope {sorted(s.name for s in TargetScope)}; missing {sorted(missing)}")
+        check(not missing,
+              f"model.targets must define a regex for every scope {sorted(s.name for s in TargetScope)}; "
+              f"missing {sorted(missing)}")
         for scope, pattern in self.targets.items():
             try:
                 re.compile(pattern)
@@ -156,7 +158,8 @@ class TaskSchema:
         check_positive("task.eval_limit", self.eval_limit, allow_none=True)
         check(self.is_regression or len(self.label_names) >= 2,
               f"task.label_names needs at least 2 labels for a classification task, got {self.label_names}")
-        check(self.main_metric in self.metrics, f"task.main_metric={self.main_metric!r} must be one of task.metrics {self.metrics}")
+        check(self.main_metric in self.metrics,
+              f"task.main_metric={self.main_metric!r} must be one of task.metrics {self.metrics}")
 
     @property
     def num_labels(self) -> int:
@@ -215,7 +218,8 @@ class InstructTaskSchema:
     def __post_init__(self) -> None:
         check_positive("task.max_length", self.max_length)
         check_positive("task.train_limit", self.train_limit, allow_none=True)
-        check(self.sample_seed is None or self.sample_seed >= 0, f"task.sample_seed must be >= 0 or null, got {self.sample_seed}")
+        check(self.sample_seed is None or self.sample_seed >= 0,
+              f"task.sample_seed must be >= 0 or null, got {self.sample_seed}")
         check(len(self.eval.tasks) > 0, "task.eval.tasks must name at least one lm-eval task")
 
 
@@ -282,13 +286,15 @@ class MaskingSchema:
     scope: str = "global"  # global: one top-k over all targets; local: per layer, share ∝ size
     dynamic: bool = False
     interval: int = 1000  # steps between mask refreshes when dynamic (paper: I = 1000)
-    optimizer_reset: str = "all"  # at a refresh: all: every parameter's state, as the paper (§3.4); values: the sparse values' only
+    # at a refresh: all: every parameter's state, as the paper (§3.4); values: the sparse values' only
+    optimizer_reset: str = "all"
     # local masks: proportional: each layer's share of k ∝ its size; equal: k / (number of layers) each,
     # as the authors' code does with an integer k
     local_split: str = "proportional"
 
     def __post_init__(self) -> None:
-        check(self.scope in ("global", "local"), f"masking.scope must be one of ['global', 'local'], got {self.scope!r}")
+        check(self.scope in ("global", "local"),
+              f"masking.scope must be one of ['global', 'local'], got {self.scope!r}")
         check_positive("masking.interval", self.interval)
         check(self.optimizer_reset in OPTIMIZER_RESETS,
               f"masking.optimizer_reset must be one of {list(OPTIMIZER_RESETS)}, got {self.optimizer_reset!r}")
@@ -312,10 +318,12 @@ class MaskingSchema:
 MASKING_DEFAULTS = {f.name: f.default for f in fields(MaskingSchema) if f.name != "name"}
 
 
+SCHEDULES = ("linear", "cosine", "constant")  # linear decay to 0 (both papers), cosine to 0, constant
+
+
 @register_schema("train", "train")
 @dataclass
 class TrainSchema:
-    optimizer: str = "adamw"
     lr: float = 5e-4
     weight_decay: float = 0.0
     batch_size: int = 16  # examples per optimizer step (the effective batch)
@@ -324,7 +332,7 @@ class TrainSchema:
     epochs: float = 3.0
     max_steps: Optional[int] = None  # overrides epochs when set
     warmup_ratio: float = 0.03
-    schedule: str = "linear"
+    schedule: str = "linear"  # the learning rate after warmup: one of SCHEDULES (speft_bench.run.SCHEDULERS)
     max_grad_norm: Optional[float] = 1.0
     seed: int = 0
     log_every: int = 10
@@ -334,17 +342,19 @@ class TrainSchema:
     precision: str = "fp32"  # fp32 | bf16 (frozen body in bf16) | bf16-mixed (fp32 weights, bf16 autocast)
     master_fp32: bool = True  # trainable tensors kept in fp32 whatever the precision (false: the body's dtype)
     gradient_checkpointing: bool = False  # recompute block activations in backward (non-reentrant)
-    checkpoint_every: Optional[int] = None  # optimizer steps between resumable checkpoints (null: only on a stop signal)
+    # optimizer steps between resumable checkpoints (null: only on a stop signal)
+    checkpoint_every: Optional[int] = None
 
     def __post_init__(self) -> None:
         check(_DEVICE.fullmatch(self.device) is not None,
               f"train.device must be one of auto, cpu, cuda, cuda:N; got {self.device!r}")
-        check(self.precision in PRECISIONS, f"train.precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        check(self.precision in PRECISIONS,
+              f"train.precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
+
         check_positive("train.micro_batch_size", self.micro_batch_size, allow_none=True)
         check(self.micro_batch_size is None or self.batch_size % self.micro_batch_size == 0,
               f"train.micro_batch_size={self.micro_batch_size} must divide train.batch_size={self.batch_size}")
-        check(self.optimizer == "adamw", f"train.optimizer must be one of ['adamw'], got {self.optimizer!r}")
-        check(self.schedule == "linear", f"train.schedule must be one of ['linear'], got {self.schedule!r}")
+        check(self.schedule in SCHEDULES, f"train.schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}")
         check_positive("train.lr", self.lr)
         check(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
         check_positive("train.batch_size", self.batch_size)

@@ -30,8 +30,8 @@ from typing import Any, Callable, Iterable
 import pandas as pd
 import yaml
 
-from speft_bench.records import RECORD_NAME
 from speft_bench import PROJECT_ROOT
+from speft_bench.records import RECORD_NAME
 
 TABLES_CONF = PROJECT_ROOT / "conf" / "tables"
 PAPER_DIR = PROJECT_ROOT / "results" / "paper"
@@ -195,7 +195,8 @@ def result_configs(spec: TableSpec, records: Iterable[dict[str, Any]]) -> list[t
             if (config := _flatten(r["config"])).get("model.name") == spec.model and is_result(config, r)]
 
 
-def cell_records(spec: TableSpec, row: Row, col: Column, flat: list[tuple[dict[str, Any], dict[str, Any]]]) -> list[dict]:
+def cell_records(spec: TableSpec, row: Row, col: Column,
+                 flat: list[tuple[dict[str, Any], dict[str, Any]]]) -> list[dict]:
     """The records of one cell (``flat``: `result_configs`); they must be one setting (`_one_setting`)."""
     chosen = [(config, r) for config, r in flat if matches(config, {"task.name": col.task} | row.select)]
     _one_setting([c for c, _ in chosen], f"table {spec.name}, row {row.label!r}, column {col.label!r}")
@@ -237,7 +238,8 @@ def build_table(spec: TableSpec, records: Iterable[dict[str, Any]], paper: pd.Da
     lines = []
     for row in spec.rows:
         for col in spec.columns:
-            lines.append({"row": row.label, "column": col.label, **summarise(cell_records(spec, row, col, flat), col.metric),
+            lines.append({"row": row.label, "column": col.label,
+                          **summarise(cell_records(spec, row, col, flat), col.metric),
                           "paper": paper_value(paper, row.paper, col.paper)})
     table = pd.DataFrame(lines)
     table = pd.concat([table, pd.DataFrame([_average(g) for _, g in table.groupby("row", sort=False)])],
@@ -323,7 +325,8 @@ RENDERERS: dict[str, Callable[[TableSpec, pd.DataFrame], str]] = {
 }
 
 
-def write_tables(records_root: Path, out_dir: Path, specs: Iterable[TableSpec], paper_dir: Path = PAPER_DIR) -> list[Path]:
+def write_tables(records_root: Path, out_dir: Path, specs: Iterable[TableSpec],
+                 paper_dir: Path = PAPER_DIR) -> list[Path]:
     """Build every spec from the records under ``records_root``; write ``out_dir/<name>.{md,tex,csv}``."""
     records, paper = load_records(records_root), load_paper(paper_dir)
     out_dir = Path(out_dir)

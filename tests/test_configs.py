@@ -13,8 +13,7 @@ from omegaconf import OmegaConf
 from speft_bench.config import register_schemas, validate
 from speft_bench.errors import ConfigError
 from speft_bench.schemas import SCHEMAS
-
-from conftest import CONF, ROOT, compose_config
+from tests.helpers import CONF, ROOT, chained_message, compose_config
 
 REQUIRED = ("task=mrpc", "method=lora")
 GROUPS = ("model", "task", "method", "metric", "masking", "train", "logger", "paths")
@@ -32,8 +31,9 @@ def test_every_group_has_options():
     assert {g: len(options(g)) > 0 for g in GROUPS} == dict.fromkeys(GROUPS, True)
     # the 12 models of the issue and all 8 GLUE tasks of the SPSFT paper
     assert len(options("model")) == 12
+    # + the LLM tracks' instruct tasks
     assert options("task") == ["alpaca", "codefeedback", "cola", "gsm8k", "metamathqa", "mnli", "mrpc", "oasst2",
-                               "openbookqa_256", "qnli", "qqp", "rte", "sst2", "stsb"]  # + the LLM tracks' instruct tasks
+                               "openbookqa_256", "qnli", "qqp", "rte", "sst2", "stsb"]
 
 
 def partners(group: str, option: str) -> tuple[str, ...]:
@@ -103,14 +103,17 @@ BAD_CONFIGS = [
     (["train.epochs=0"], ConfigError, "train.epochs must be > 0"),
     (["train.warmup_ratio=1.5"], ConfigError, "train.warmup_ratio must be in [0, 1)"),
     (["train.seed=-1"], ConfigError, "train.seed must be >= 0, got -1"),
-    (["train.optimizer=sgd"], ConfigError, "train.optimizer must be one of ['adamw']"),
+    (["train.schedule=step"], ConfigError,
+     "train.schedule must be one of ['linear', 'cosine', 'constant'], got 'step'"),
     (["masking.interval=0"], ConfigError, "masking.interval must be > 0"),
     (["task.train_limit=0"], ConfigError, "task.train_limit must be > 0"),
     (["task.max_length=0"], ConfigError, "task.max_length must be > 0"),
     # SPEFT
-    (["method=speft"], ConfigError, "method=speft needs a salience metric: metric must be one of fisher, force, gradient"),
+    (["method=speft"], ConfigError,
+     "method=speft needs a salience metric: metric must be one of fisher, force, gradient"),
     (["method=speft", "metric=qm_taylor"], ConfigError, "method=speft needs a salience metric"),
-    (["method=speft", "metric=gradient", "method.density=0.01"], ConfigError, "method.lora_rank and method.density: set exactly one"),
+    (["method=speft", "metric=gradient", "method.density=0.01"], ConfigError,
+     "method.lora_rank and method.density: set exactly one"),
     (["method=speft", "metric=gradient", "method.lora_rank=null", "method.density=0"], ConfigError,
      "method.density must be in (0, 1], got 0"),
     (["method=speft", "metric=gradient", "method.lora_rank=null", "method.density=1.5"], ConfigError,
@@ -119,15 +122,19 @@ BAD_CONFIGS = [
     (["method=speft", "metric=fisher", "metric.micro_batch=0"], ConfigError, "metric.micro_batch must be > 0"),
     # SPSFT
     (["method=spsft", "metric=gradient"], ConfigError, "metric must be one of l2, qm_taylor, taylor; got 'gradient'"),
-    (["method=spsft", "metric=qm_taylor", "task=stsb"], ConfigError, "metric=qm_taylor ranks neurons per label and needs a classification task"),
-    (["method=spsft", "metric=l2", "method.r=null", "method.fraction=1.5"], ConfigError, "method.fraction must be in (0, 1], got 1.5"),
+    (["method=spsft", "metric=qm_taylor", "task=stsb"], ConfigError,
+     "metric=qm_taylor ranks neurons per label and needs a classification task"),
+    (["method=spsft", "metric=l2", "method.r=null", "method.fraction=1.5"], ConfigError,
+     "method.fraction must be in (0, 1], got 1.5"),
     # baselines and task kinds
     (["metric=gradient"], ConfigError, "metric='gradient' is not valid for method='lora'; allowed: none"),
     (["task=gsm8k"], ConfigError, "model.family must be decoder; model=minilm_l6 is an encoder"),
     (["task=gsm8k", "model=smollm2_135m", "method=head"], ConfigError, "method=head trains only a classification head"),
-    (["method=pretrained"], ConfigError, "method=pretrained needs a task whose model is used as loaded (task.kind=instruct), got task.kind='glue'"),
+    (["method=pretrained"], ConfigError,
+     "method=pretrained needs a task whose model is used as loaded (task.kind=instruct), got task.kind='glue'"),
     (["task=gsm8k", "model=smollm2_135m", "task.eval.tasks=[humaneval]"], ConfigError, "allow_code_execution"),
-    (["task=gsm8k", "model=smollm2_135m", "task.eval.tasks=[mmlu_nope]"], ConfigError, "task.eval.tasks: unknown tasks ['mmlu_nope']"),
+    (["task=gsm8k", "model=smollm2_135m", "task.eval.tasks=[mmlu_nope]"], ConfigError,
+     "task.eval.tasks: unknown tasks ['mmlu_nope']"),
     (["method=full", "metric=fisher"], ConfigError, "metric='fisher' is not valid for method='full'; allowed: none"),
     (["task=gsm8k", "model=smollm2_135m", "method=pretrained", "metric=taylor"], ConfigError,
      "metric='taylor' is not valid for method='pretrained'"),
@@ -180,6 +187,7 @@ BAD_CONFIGS = [
 ]
 
 
+@pytest.mark.slow
 def test_new_knobs_validate_and_enter_the_config_hash():
     from speft_bench.records import config_hash, resolved_config
 
@@ -215,18 +223,13 @@ def test_bad_config_is_rejected_with_a_clear_message(overrides, error, message):
     assert message in chained_message(caught.value)
 
 
-def chained_message(err: BaseException | None) -> str:
-    """Hydra wraps the OmegaConf error that names the key and the allowed values: read both."""
-    text = ""
-    while err is not None:
-        text, err = text + f"{err}\n", err.__cause__
-    return text
-
-
+@pytest.mark.slow
 def test_cli_rejects_a_bad_override_before_any_model_loads(tmp_path):
     start = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-m", "speft_bench", "method=lora", "task=mrpc", "method.r=-4", f"paths.output_dir={tmp_path}"],
+        [sys.executable, "-m", "speft_bench", "method=lora", "task=mrpc", "method.r=-4",
+         f"paths.output_dir={tmp_path}"],
+
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     out = done.stdout + done.stderr
@@ -255,6 +258,7 @@ finally:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("overrides", "code", "message"), [
     (["method=speft", "metric=gradient", "method.lora_rank=0"], 2, "method.lora_rank must be > 0, got 0"),  # a range
     (["method=lora", "train.lr=abc"], 1, "'abc' of type 'str' could not be converted to Float"),  # a type

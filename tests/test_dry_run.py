@@ -16,8 +16,7 @@ from speft_bench.methods.speft.config import SpeftSchema
 from speft_bench.methods.spsft.config import SpsftSchema
 from speft_bench.models import build_model, package_path
 from speft_bench.schemas import Family, MethodSchema, MetricSchema, ModelInit, ModelSchema
-
-from conftest import CONF, compose_config
+from tests.helpers import CONF, compose_config
 
 ARCH = Path(package_path("pkg://speft_bench/architectures"))
 LLAMA_STYLE = {"llama", "qwen2", "gemma2"}
@@ -108,6 +107,7 @@ def test_every_paper_scale_experiment_is_covered():
     assert experiments == {case[0] for case in CASES}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("experiment, overrides, model, trainable", CASES,
                          ids=[f"{c[0]}-{'-'.join(c[1][1:] if c[1][0].startswith('task') else c[1])}" for c in CASES])
 def test_paper_experiments_dry_run_with_exact_trainable_counts(experiment, overrides, model, trainable):
@@ -180,8 +180,11 @@ def test_memory_terms_follow_their_closed_forms():
 
 # --------------------------------------------------------------------------- the activation model vs autograd
 TINY = {  # small widths, all distinct, so that every coefficient of the formula is exercised
-    "llama3_8b": dict(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2, vocab_size=97),
-    "qwen2_7b": dict(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2, vocab_size=97),
+    "llama3_8b": dict(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2,
+                      vocab_size=97),
+    "qwen2_7b": dict(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2,
+                     vocab_size=97),
+
     "gemma2_2b": dict(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
                       query_pre_attn_scalar=24, vocab_size=97),
     "opt_350m": dict(hidden_size=64, ffn_dim=160, num_attention_heads=4, word_embed_proj_dim=48, vocab_size=97),
@@ -220,7 +223,8 @@ def tiny(model: str, method: str, layers: int) -> tuple:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from speft_bench.masking import local_budgets, lora_param_count
-    from speft_bench.methods.speft.model import attach_sparse_deltas
+    from speft_bench.methods.base import prepare_without_data
+    from speft_bench.methods.speft.model import SPARSE_DELTAS
     from speft_bench.models import targets_for
 
     model_type = shipped(model)["model_type"]
@@ -239,10 +243,10 @@ def tiny(model: str, method: str, layers: int) -> tuple:
         budgets = local_budgets(shapes, lora_param_count(shapes, 2))
         net.requires_grad_(False)
         positions = {n: torch.randperm(a * b)[:budgets[n]] for n, (a, b) in shapes.items()}
-        for layer in attach_sparse_deltas(net, positions).values():
+        for layer in SPARSE_DELTAS.attach(net, positions).values():
             layer.values.requires_grad_(True)
     else:
-        net = dr.METHODS[method]().prepare(net, dr.MethodContext(None, typed, None)).model
+        net = prepare_without_data(net, None, typed).model
     return net.train(), body, causal
 
 

@@ -15,8 +15,9 @@ from speft_bench.config import validate
 from speft_bench.methods import METHODS
 from speft_bench.methods.base import MethodContext
 from speft_bench.run import run
+from tests.helpers import TINY_MRPC, compose_config
 
-from conftest import compose_config
+pytestmark = pytest.mark.slow  # every test here trains, saves or sweeps
 
 SPARSE = ("method.lora_rank=2", "method.calibration_examples=8", "method.calibration_batch_size=4")
 # method overrides -> the modules a merged export must not contain any more
@@ -34,7 +35,8 @@ CASES = {
 
 
 def tiny_bert(seed: int):
-    """A 2-block random BERT classifier: the same body for every seed (the "pretrained" weights), a head drawn from ``seed``."""
+    """A 2-block random BERT classifier: the same body for every seed (the "pretrained" weights), a head drawn
+    from ``seed``."""
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
@@ -48,12 +50,15 @@ def tiny_bert(seed: int):
 
 def batches(n: int = 4):
     g = torch.Generator().manual_seed(1)
-    return [{"input_ids": torch.randint(1, 97, (4, 12), generator=g), "attention_mask": torch.ones(4, 12, dtype=torch.long),
+    return [{"input_ids": torch.randint(1, 97, (4, 12), generator=g),
+             "attention_mask": torch.ones(4, 12, dtype=torch.long),
              "labels": torch.randint(0, 2, (4,), generator=g)} for _ in range(n)]
 
 
 def train_and_save(overrides, run_dir):
-    """Prepare the method on a tiny BERT, train 4 steps at lr 0.05, save; return (model, logits, typed, record entry)."""
+    """Prepare the method on a tiny BERT, train 4 steps at lr 0.05, save;
+    return (model, logits, typed, record entry)."""
+
     cfg = compose_config("task=mrpc", *overrides)
     typed = validate(cfg)
     data = batches()
@@ -115,8 +120,7 @@ def test_lora_saves_a_peft_adapter_with_its_head(tmp_path):
     assert saved["numel"] == {"adapter": 2 * (4 * 2 * 64 + 2 * 2 * 96), "dense": 66}
 
 
-TINY_RUN = ("task=mrpc", "task.train_limit=16", "task.eval_limit=16", "task.max_length=32", "train.max_steps=3",
-            "train.batch_size=4", "train.lr=0.02")
+TINY_RUN = (*TINY_MRPC, "task.eval_limit=16", "train.max_steps=3", "train.lr=0.02")
 
 
 def test_a_finished_run_reloads_from_its_folder_with_the_same_dev_metrics(tmp_path, capsys):

@@ -10,8 +10,7 @@ import torch
 from speft_bench import precision
 from speft_bench.device import device_record, resolve_device
 from speft_bench.run import enable_gradient_checkpointing, forward_backward
-
-from conftest import assert_close, gradients, instruct_batch, prepare_method, tiny_llama
+from tests.helpers import assert_close, gradients, instruct_batch, prepare_method, tiny_llama
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 INSTRUCT = ("model=smollm2_135m", "task=gsm8k")

@@ -3,12 +3,22 @@
 import pytest
 import torch
 
-from speft_bench.masking import (SELECTORS, budget_from_density, density_per_layer, local_budgets, lora_param_count,
-                                 mask_overlap, sort_keys, top_k)
+from speft_bench.masking import (
+    SELECTORS,
+    budget_from_density,
+    density_per_layer,
+    local_budgets,
+    lora_param_count,
+    mask_overlap,
+    sort_keys,
+    top_k,
+)
 
-# MiniLM-L6's 36 target linears: per block q, k, v, attention.output (384×384), intermediate (1536×384), output (384×1536)
+# MiniLM-L6's 36 target linears: per block q, k, v, attention.output (384×384), intermediate (1536×384),
+# output (384×1536)
 MINILM = {f"{b}.{n}": s for b in range(6) for n, s in
-          [("q", (384, 384)), ("k", (384, 384)), ("v", (384, 384)), ("o", (384, 384)), ("up", (1536, 384)), ("down", (384, 1536))]}
+          [("q", (384, 384)), ("k", (384, 384)), ("v", (384, 384)), ("o", (384, 384)), ("up", (1536, 384)),
+           ("down", (384, 1536))]}
 
 
 def test_lora_matched_budget_is_the_issue_count():
@@ -26,7 +36,9 @@ def test_sort_keys_preserve_float_order_including_signs_zero_and_inf():
 @pytest.mark.parametrize("signed", [False, True])
 def test_global_top_k_equals_brute_force(signed):
     gen = torch.Generator().manual_seed(0)
-    scores = {"a": torch.randn(7, 5, generator=gen), "b": torch.randn(3, 11, generator=gen), "c": torch.randn(4, 4, generator=gen)}
+    scores = {"a": torch.randn(7, 5, generator=gen), "b": torch.randn(3, 11, generator=gen),
+              "c": torch.randn(4, 4, generator=gen)}
+
     if not signed:
         scores = {n: s.abs() for n, s in scores.items()}
     for k in [1, 13, 50, 84]:

@@ -11,11 +11,16 @@ import yaml
 
 from speft_bench.config import validate
 from speft_bench.errors import ConfigError
-from speft_bench.models import (ModelSourceError, hub_reachable, load_causal_lm, load_model, package_path,
-                                resolve_pretrained)
+from speft_bench.models import (
+    ModelSourceError,
+    hub_reachable,
+    load_causal_lm,
+    load_model,
+    package_path,
+    resolve_pretrained,
+)
 from speft_bench.schemas import Family, ModelInit, ModelSchema
-
-from conftest import CONF, compose_config
+from tests.helpers import CONF, compose_config
 
 
 def model_spec(*overrides):
@@ -93,6 +98,7 @@ def test_paper_architectures_build_on_meta_with_their_published_sizes(model):
     assert net.config.num_hidden_layers == shipped["num_hidden_layers"]
 
 
+@pytest.mark.slow
 def test_num_layers_cuts_the_config_before_anything_is_built():
     gemma = meta_model(paper_spec("gemma2_2b", num_layers=3))
     assert (len(gemma.model.layers), gemma.config.layer_types) == (3, ["sliding_attention", "full_attention"] * 1

@@ -19,12 +19,13 @@ from speft_bench.errors import ConfigError
 from speft_bench.methods import METHODS
 from speft_bench.methods.base import MethodContext
 from speft_bench.methods.speft.layer import SparseDeltaLinear
-from speft_bench.methods.speft.model import sparse_deltas, value_grad_counts
+from speft_bench.methods.speft.model import SPARSE_DELTAS, value_grad_counts
 from speft_bench.methods.spsft.layer import RowDeltaLinear
 from speft_bench.run import forward_backward
 from speft_bench.schemas import TrainSchema
+from tests.helpers import compose_config, instruct_batch, tiny_llama
 
-from conftest import compose_config, instruct_batch, tiny_llama
+pytestmark = pytest.mark.slow  # every test here trains, saves or sweeps
 
 CPU = torch.device("cpu")
 PRECISIONS = ["fp32", "bf16", "bf16-mixed"]
@@ -50,7 +51,8 @@ def tiny_bert():
 def classifier_batch(n: int = 16, width: int = 12) -> dict:
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 97, (n, width), generator=gen)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.randint(0, 2, (n,), generator=gen)}
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+            "labels": torch.randint(0, 2, (n,), generator=gen)}
 
 
 def prepared(kind: str, method: str, *overrides: str):
@@ -128,7 +130,7 @@ def test_without_masters_bf16_trains_in_bf16_throughout(kind, method):
 def test_dynamic_masks_resize_the_same_fp32_masters_in_a_bf16_body():
     prep, spec, batch = prepared("causal_lm", "speft", "train.precision=bf16", "masking=dynamic_global",
                                  "masking.interval=2")
-    layers = sparse_deltas(prep.model)
+    layers = SPARSE_DELTAS.layers(prep.model)
     values = {name: layer.values for name, layer in layers.items()}
     precision.setup(prep.model, spec)
     assert all(layers[name].values is v and v.dtype == torch.float32 for name, v in values.items())  # cast in place
@@ -145,7 +147,7 @@ def test_dynamic_masks_resize_the_same_fp32_masters_in_a_bf16_body():
 @pytest.mark.parametrize(("value_grad", "expected"), [("auto", "dense"), ("sampled", "sampled"), ("dense", "dense")])
 def test_method_value_grad_reaches_every_layer(value_grad, expected):
     prep, spec, _ = prepared("causal_lm", "speft", "train.precision=bf16", f"method.value_grad={value_grad}")
-    layers = sparse_deltas(prep.model)
+    layers = SPARSE_DELTAS.layers(prep.model)
     assert {layer.value_grad_mode for layer in layers.values()} == {value_grad}
     # auto: on layers this small the transposes cost more than the whole dense product
     other = {"sampled": "dense", "dense": "sampled"}[expected]
@@ -169,7 +171,9 @@ def test_body_dtype_and_autocast_follow_the_knobs(train_precision, master_fp32, 
 
 
 def test_an_unknown_precision_names_the_knob():
-    with pytest.raises(ConfigError, match=r"train.precision must be one of \['fp32', 'bf16', 'bf16-mixed'\], got 'fp16'"):
+    with pytest.raises(ConfigError,
+                       match=r"train.precision must be one of \['fp32', 'bf16', 'bf16-mixed'\], got 'fp16'"):
+
         precision.body_dtype("fp16")
 
 

@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 
 from speft_bench import records
-
-from conftest import ROOT
+from tests.helpers import ROOT
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import migrate_records  # noqa: E402
@@ -17,6 +16,7 @@ import migrate_records  # noqa: E402
 COMMITTED = sorted((ROOT / "results").rglob(records.RECORD_NAME))
 
 
+@pytest.mark.slow
 def test_every_committed_record_is_current_and_hashes_to_itself():
     assert len(COMMITTED) >= 95
     for path in COMMITTED:

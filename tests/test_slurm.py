@@ -20,8 +20,7 @@ from types import SimpleNamespace
 import pytest
 
 from speft_bench import cluster, launcher, records
-
-from conftest import ROOT, compose_config
+from tests.helpers import ROOT, compose_config
 
 SITE = ROOT / "tests" / "slurm_conf"
 LAUNCH = ["--multirun", "hydra/launcher=slurm", f"hydra.searchpath=[file://{SITE}]",
@@ -61,6 +60,7 @@ def test_jobs_are_named_after_their_methods_and_tasks():
     assert launcher.job_name(configs[:1]) == "speft-lora-mrpc"
 
 
+@pytest.mark.slow
 def test_a_sweep_whose_runs_are_done_submits_nothing(tmp_path):
     """Completed records of both configs exist: the launcher submits nothing (no sbatch, no cluster needed)."""
     for seed in (0, 1):

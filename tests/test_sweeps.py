@@ -7,14 +7,15 @@ import subprocess
 import sys
 import time
 
+import pytest
 from hydra import compose, initialize_config_dir
 
 from speft_bench.config import register_schemas
+from tests.helpers import CONF, ROOT, TINY_MRPC
 
-from conftest import CONF, ROOT
+pytestmark = pytest.mark.slow  # every test here trains, saves or sweeps
 
-TINY_JOB = ["method=head", "task=mrpc", "train.max_steps=2", "++task.train_limit=16", "++task.eval_limit=16",
-            "++task.max_length=32"]
+TINY_JOB = ["method=head", *TINY_MRPC]
 
 
 def records_under(root) -> list[dict]:
@@ -28,7 +29,9 @@ def test_slurm_launcher_takes_cluster_settings_from_the_local_file(tmp_path):
 
     def launcher():
         with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-            cfg = compose("config", overrides=["task=mrpc", "method=lora", "hydra/launcher=slurm"], return_hydra_config=True)
+            cfg = compose("config", overrides=["task=mrpc", "method=lora", "hydra/launcher=slurm"],
+                          return_hydra_config=True)
+
         return cfg.hydra.launcher
 
     default = launcher()

@@ -11,10 +11,22 @@ import pytest
 import yaml
 
 from speft_bench.evaluation.lm_eval import task_names as lm_eval_task_names
-from speft_bench.tables import (PAPER_DIR, TABLES_CONF, Column, PaperRow, Row, TableSpec, build_table, load_paper,
-                                load_records, load_specs, paper_value, render, write_tables)
-
-from conftest import CONF, ROOT
+from speft_bench.tables import (
+    PAPER_DIR,
+    TABLES_CONF,
+    Column,
+    PaperRow,
+    Row,
+    TableSpec,
+    build_table,
+    load_paper,
+    load_records,
+    load_specs,
+    paper_value,
+    render,
+    write_tables,
+)
+from tests.helpers import CONF, ROOT
 
 PAPER_TEXTS = {"SPEFT": "speft-salience-aware-sparse-finetuning.txt",
                "SPSFT": "spsft-structured-pruning-sparse-finetuning.txt"}
@@ -66,7 +78,8 @@ def test_an_interrupted_run_is_no_result_and_hides_no_finished_seed():
     from speft_bench.tables import summarise
 
     assert summarise([record("lora", "mrpc", 0, 0.0, status="interrupted")], "accuracy")["status"] == "missing"
-    done = summarise([record("lora", "mrpc", 0, 0.80), record("lora", "mrpc", 0, 0.0, status="interrupted")], "accuracy")
+    done = summarise([record("lora", "mrpc", 0, 0.80), record("lora", "mrpc", 0, 0.0, status="interrupted")],
+                     "accuracy")
     assert (done["status"], done["mean"]) == ("ok", pytest.approx(80.0))
 
 
@@ -134,11 +147,14 @@ def test_write_tables_skips_unreadable_records(tmp_path):
     assert "80.00 (+1.00)" in (tmp_path / "tables" / "toy.md").read_text()
 
 
+@pytest.mark.slow
 def test_make_figures_draws_one_png_per_table_and_skips_missing_inputs(tmp_path):
     write_toy_tables(tmp_path)
     (tmp_path / "bench").mkdir()
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_figures.py"), "--bench", str(tmp_path / "bench"),
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_figures.py"),
+                           "--bench", str(tmp_path / "bench"),
                            "--tables", str(tmp_path / "tables"), "--out", str(tmp_path / "figures")],
+
                           capture_output=True, text=True, check=True)
     assert "skipped salience figures" in done.stdout
     assert [p.name for p in (tmp_path / "figures").iterdir()] == ["table_toy.png"]

@@ -120,7 +120,8 @@ def join(prompt: list[int], response: list[int], max_length: int) -> dict[str, l
     ids = (prompt + response)[:max_length]
     if len(ids) <= len(prompt):
         return None
-    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [IGNORE_INDEX] * len(prompt) + ids[len(prompt):]}
+    return {"input_ids": ids, "attention_mask": [1] * len(ids),
+            "labels": [IGNORE_INDEX] * len(prompt) + ids[len(prompt):]}
 
 
 def tokenize(example: Example, tokenizer, max_length: int) -> dict[str, list[int]] | None:

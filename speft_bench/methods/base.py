@@ -1,4 +1,5 @@
-"""What every method shares: the ``Method`` base class, its context and result, and ``freeze_all_but``."""
+"""What every method shares: the ``Method`` base class, its context and result, ``prepare_without_data``
+and ``freeze_all_but``."""
 
 from __future__ import annotations
 
@@ -58,6 +59,15 @@ class Method:
         """The trained model: ``model`` (the base, as the run loaded it) with what ``Prepared.save`` wrote
         in ``run_dir`` applied (``speft_bench.export.load_trained``).  The base: nothing was trained."""
         return model
+
+
+def prepare_without_data(model: nn.Module, cfg: DictConfig, typed: dict[str, Any]) -> Prepared:
+    """The run's own method (``METHODS[method.name]().prepare``) on ``model`` with every calibration draw
+    empty: what the dry run and the benchmarks attach.  SPEFT and SPSFT then need a data-free metric
+    (magnitude, l2): which entries or rows train changes neither the time nor the memory of a step."""
+    from speft_bench.methods import METHODS  # the registry, filled by the method modules that import this one
+
+    return METHODS[typed["method"].name]().prepare(model, MethodContext(cfg, typed, lambda *_: []))
 
 
 def freeze_all_but(model: nn.Module, trainable: dict[str, nn.Parameter]) -> None:

@@ -13,7 +13,8 @@ class Full(Method):
 
         def save(run_dir):
             model.save_pretrained(run_dir / SAVED)
-            return {"path": SAVED, "format": "transformers", "numel": {"dense": sum(p.numel() for p in model.parameters())}}
+            return {"path": SAVED, "format": "transformers",
+                    "numel": {"dense": sum(p.numel() for p in model.parameters())}}
 
         return Prepared(model, save=save)
 

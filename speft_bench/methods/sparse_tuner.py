@@ -94,7 +94,7 @@ class SparseTuner:
         return the number of values per kind of tensor (for the record)."""
         layers = self.layers(model)
         if not layers:
-            raise ValueError(f"save_adapter: the model has no {self.layer.__name__} layers")
+            raise ValueError(f"save: the model has no {self.layer.__name__} layers")
         tensors = {name + part: tensor for name, layer in layers.items()
                    for part, tensor in self.layer_tensors(name, layer).items()}
         dense = dense_tensors(model, self.layer)

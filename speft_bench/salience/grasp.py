@@ -31,8 +31,15 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from speft_bench.batches import weighted_pieces
 from speft_bench.progress import progress
 from speft_bench.salience import SALIENCE_METRICS
-from speft_bench.salience.base import (Scores, adder, backward_per_layer, calibration_mode, mean_gradients,
-                                       score_buffers, split_examples)
+from speft_bench.salience.base import (
+    Scores,
+    adder,
+    backward_per_layer,
+    calibration_mode,
+    mean_gradients,
+    score_buffers,
+    split_examples,
+)
 
 TEMPERATURE = 200.0  # the authors' `temperature = 200`, in both passes of the reference variant
 

@@ -28,9 +28,12 @@ class SpeftSchema(MethodSchema):
     value_grad: str = "auto"  # auto: the cost model's cheaper kernel per layer; sampled | dense: forced
 
     def __post_init__(self) -> None:
-        check(self.value_grad in VALUE_GRADS, f"method.value_grad must be one of {list(VALUE_GRADS)}, got {self.value_grad!r}")
+        check(self.value_grad in VALUE_GRADS,
+              f"method.value_grad must be one of {list(VALUE_GRADS)}, got {self.value_grad!r}")
         check_calibration(self)
         check((self.lora_rank is None) != (self.density is None),
-              f"method.lora_rank and method.density: set exactly one (got lora_rank={self.lora_rank}, density={self.density})")
+              f"method.lora_rank and method.density: set exactly one "
+              f"(got lora_rank={self.lora_rank}, density={self.density})")
         check_positive("method.lora_rank", self.lora_rank, allow_none=True)
-        check(self.density is None or 0.0 < self.density <= 1.0, f"method.density must be in (0, 1], got {self.density}")
+        check(self.density is None or 0.0 < self.density <= 1.0,
+              f"method.density must be in (0, 1], got {self.density}")

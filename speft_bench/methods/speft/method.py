@@ -11,13 +11,20 @@ from torch import nn
 
 from speft_bench import precision
 from speft_bench.errors import ConfigError
-from speft_bench.masking import (LOCAL_SPLITS, budget_from_density, density_per_layer, lora_param_count, mask_digest,
-                                 mask_overlap, select_mask)
+from speft_bench.masking import (
+    LOCAL_SPLITS,
+    budget_from_density,
+    density_per_layer,
+    lora_param_count,
+    mask_digest,
+    mask_overlap,
+    select_mask,
+)
 from speft_bench.methods import METHODS
 from speft_bench.methods.base import Method, MethodContext, Prepared, freeze_all_but
 from speft_bench.methods.speft.config import SpeftSchema
 from speft_bench.methods.speft.layer import SparseDeltaLinear
-from speft_bench.methods.speft.model import TUNER, attach_sparse_deltas, value_grad_counts
+from speft_bench.methods.speft.model import SPARSE_DELTAS, value_grad_counts
 from speft_bench.models import head_parameters, targets_for
 from speft_bench.salience import SALIENCE_METRICS
 from speft_bench.salience.base import calibration_sets, compute_salience
@@ -152,7 +159,7 @@ class SPEFT(Method):
         choose = MaskChooser(model, ctx, targets, k)
         model.requires_grad_(False)
         indices, cost = choose(0)
-        layers = attach_sparse_deltas(model, indices, spec.value_grad)
+        layers = SPARSE_DELTAS.attach(model, indices, spec.value_grad)
         trainable = {f"{name}.values": layer.values for name, layer in layers.items()}
         if spec.train_head:
             trainable |= head_parameters(model)
@@ -169,8 +176,10 @@ class SPEFT(Method):
         metadata = {"model": ctx.typed["model"].name, "targets": [ctx.typed["model"].targets[spec.targets.name]],
                     "metric": metric.name, "masking": masking.name, "budget": k}
         refresh = MaskRefresh(model, layers, choose, masking, indices, info) if masking.dynamic else None
-        return Prepared(model, info, on_step=refresh, save=partial(TUNER.save_run, model=model, metadata=metadata))
+        return Prepared(model, info, on_step=refresh,
+                        save=partial(SPARSE_DELTAS.save_run, model=model, metadata=metadata))
+
 
     @classmethod
     def load(cls, model, run_dir, typed):
-        return TUNER.load_run(model, run_dir, typed["model"].name)
+        return SPARSE_DELTAS.load_run(model, run_dir, typed["model"].name)

@@ -5,7 +5,7 @@ flat positions into its (d_out, d_in) weight and ``<name>.values`` (k,) floats; 
 refreshes also ``<name>.base_indices`` and ``<name>.base_weight``: the positions where earlier masks'
 deltas were merged into W and W's values there (so loading sets them exactly, with no re-summing).
 Plus the dense tensors (head, other trained parameters) and JSON-encoded metadata (model id,
-targets, metric, budget, …) under a ``format`` marker.  ``load_adapter`` validates everything
+targets, metric, budget, …) under a ``format`` marker.  ``SPARSE_DELTAS.load`` validates everything
 against the model before touching it, so a bad file never half-applies.
 """
 
@@ -45,8 +45,8 @@ class SparseDeltaTuner(SparseTuner):
 
     def layer_tensors(self, name: str, layer: SparseDeltaLinear) -> dict[str, Tensor]:
         if layer.merged:  # the file stores the delta apart from W; here part of it lives in W
-            raise ValueError(f"save_adapter: layer {name!r} has its delta merged into the base weight; "
-                             f"unmerge() it, or export merged weights with detach_sparse_deltas(model, merge=True)")
+            raise ValueError(f"save: layer {name!r} has its delta merged into the base weight; "
+                             f"unmerge() it, or export merged weights with SPARSE_DELTAS.detach(model, merge=True)")
         tensors = {".indices": layer.indices.contiguous(), ".values": layer.values.detach().contiguous()}
         if layer.base_changed:
             tensors |= {".base_indices": layer.base_touched, ".base_weight": layer.merged_entries()}
@@ -64,7 +64,9 @@ class SparseDeltaTuner(SparseTuner):
         base = None
         if ".base_indices" in tensors:
             weight = tensors[".base_weight"]
-            positions = _checked_positions(where, linear, tensors[".base_indices"], weight, "base_indices", "base_weight")
+            positions = _checked_positions(where, linear, tensors[".base_indices"], weight, "base_indices",
+                                           "base_weight")
+
             base = positions, weight
         return indices, (values, base)
 
@@ -86,12 +88,7 @@ class SparseDeltaTuner(SparseTuner):
         return layer.base
 
 
-TUNER = SparseDeltaTuner()
-sparse_deltas = TUNER.layers
-attach_sparse_deltas = TUNER.attach
-detach_sparse_deltas = TUNER.detach
-save_adapter = TUNER.save
-load_adapter = TUNER.load
+SPARSE_DELTAS = SparseDeltaTuner()
 
 
 def value_grad_counts(layers: dict[str, SparseDeltaLinear], dtype: torch.dtype) -> dict[str, int]:

@@ -16,7 +16,7 @@ from speft_bench.methods import METHODS
 from speft_bench.methods.base import Method, MethodContext, Prepared, freeze_all_but
 from speft_bench.methods.spsft.config import SpsftSchema
 from speft_bench.methods.spsft.importance import IMPORTANCE, neuron_importance, top_rows
-from speft_bench.methods.spsft.model import TUNER, attach_row_deltas
+from speft_bench.methods.spsft.model import ROW_DELTAS
 from speft_bench.models import head_parameters, is_norm, targets_for
 from speft_bench.schemas import TaskKind
 
@@ -49,7 +49,7 @@ def attach_trainable_rows(model: nn.Module, targets: dict[str, nn.Module], rows:
     """Row deltas at ``rows`` on the ``targets``; returns the layers and the trainable groups (row deltas,
     block norms with ``method.train_norms``, the head with ``method.train_head``), everything else frozen."""
     model.requires_grad_(False)
-    layers = attach_row_deltas(model, rows)
+    layers = ROW_DELTAS.attach(model, rows)
     groups = {"row_deltas": {f"{name}.delta": layer.delta for name, layer in layers.items()},
               "norms": block_norm_parameters(model, targets) if spec.train_norms else {},
               "head": head_parameters(model) if spec.train_head else {}}
@@ -104,8 +104,8 @@ class SPSFT(Method):
         info["trainable"]["total"] = sum(info["trainable"].values())
         metadata = {"model": ctx.typed["model"].name, "targets": [info["targets"]["pattern"]], "metric": metric.name,
                     "rows_per_layer": info["rows_per_layer"]}
-        return Prepared(model, info, save=partial(TUNER.save_run, model=model, metadata=metadata))
+        return Prepared(model, info, save=partial(ROW_DELTAS.save_run, model=model, metadata=metadata))
 
     @classmethod
     def load(cls, model, run_dir, typed):
-        return TUNER.load_run(model, run_dir, typed["model"].name)
+        return ROW_DELTAS.load_run(model, run_dir, typed["model"].name)

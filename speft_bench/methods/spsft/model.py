@@ -3,7 +3,7 @@
 An adapter file (``speft_bench.adapters``) holds, per wrapped layer, ``<name>.rows`` (r,) int64
 output-row indices and ``<name>.delta`` (r, d_in) floats, plus JSON metadata (model id, targets,
 metric, …) under the ``spsft-row-delta/2`` format marker, and the dense tensors (head, trained norms:
-``speft_bench.adapters``).  ``load_adapter`` checks every layer
+``speft_bench.adapters``).  ``ROW_DELTAS.load`` checks every layer
 against the model before touching it, so a bad file never half-applies.
 """
 
@@ -72,9 +72,4 @@ class RowDeltaTuner(SparseTuner):
         return layer.merge() if merge else layer.base
 
 
-TUNER = RowDeltaTuner()
-row_deltas = TUNER.layers
-attach_row_deltas = TUNER.attach
-detach_row_deltas = TUNER.detach
-save_adapter = TUNER.save
-load_adapter = TUNER.load
+ROW_DELTAS = RowDeltaTuner()

@@ -13,8 +13,7 @@ from speft_bench.errors import ConfigError
 from speft_bench.evaluation import lm_eval as bridge
 from speft_bench.models import ModelSourceError, load_causal_lm, load_tokenizer, resolve_pretrained
 from speft_bench.schemas import LmEvalSchema
-
-from conftest import compose_config
+from tests.helpers import chained_message, compose_config
 
 DATA = default_data_root()
 
@@ -35,6 +34,7 @@ def test_shipped_configs_index_in_milliseconds_without_lm_evals_own():
     assert unsafe == bridge.CODE_EXECUTION_TASKS == {"humaneval", "mbpp"}
 
 
+@pytest.mark.slow
 def test_task_configs_read_the_local_files_in_full():
     """Every offline task builds from the data root with the official split sizes; MMLU has 5 dev shots."""
     loaded = bridge.task_manager(DATA).load(["arc_easy", "arc_challenge", "boolq", "openbookqa", "piqa", "rte",
@@ -69,6 +69,7 @@ def smollm2():
     return load_causal_lm(typed["model"], source, torch.float32), load_tokenizer(source, typed["model"])
 
 
+@pytest.mark.slow
 def test_tiny_evaluation_of_smollm2(smollm2):
     """ARC-Easy (4 questions, 0-shot) and GSM8K (2 questions, 1-shot, strict and flexible extract)."""
     spec = LmEvalSchema(tasks=["arc_easy", "gsm8k"], num_fewshot={"gsm8k": 1}, limit=2,
@@ -79,7 +80,9 @@ def test_tiny_evaluation_of_smollm2(smollm2):
     assert all(0.0 <= v <= 1.0 for v in out["metrics"].values())
     ev = out["lm_eval"]
     assert ev["n-shot"] == {"arc_easy": 0, "gsm8k": 1} and ev["limit"] == {"arc_easy": 4, "gsm8k": 2}
-    assert ev["n-samples"] == {"arc_easy": {"original": 2376, "effective": 4}, "gsm8k": {"original": 1319, "effective": 2}}
+    assert ev["n-samples"] == {"arc_easy": {"original": 2376, "effective": 4},
+                               "gsm8k": {"original": 1319, "effective": 2}}
+
     assert ev["versions"] == {"arc_easy": 1.0, "gsm8k": 3.0} and ev["lm_eval_version"].startswith("0.4")
     assert ev["num_fewshot_requested"] == {"arc_easy": None, "gsm8k": 1} and ev["max_gen_toks"] == 16
     assert ev["data"]["arc_easy"]["test"] == [str(DATA.resolve() / "arc/ARC-Easy/ARC-Easy-Test.jsonl")]
@@ -138,7 +141,6 @@ BAD = [
 
 @pytest.mark.parametrize(("overrides", "message"), BAD, ids=lambda v: str(v)[:40])
 def test_bad_instruct_knobs_name_themselves(overrides, message):
-    from test_configs import chained_message
 
     method = [] if any(o.startswith("method=") for o in overrides) else ["method=lora"]
     model = [] if any(o.startswith("model=") for o in overrides) else ["model=smollm2_135m"]

@@ -5,8 +5,7 @@ import re
 import pytest
 
 from speft_bench.config import validate
-
-from conftest import CONF, compose_config
+from tests.helpers import CONF, compose_config
 
 
 def llm_track(path) -> bool:

@@ -19,8 +19,7 @@ from hydra.types import RunMode
 from speft_bench import records
 from speft_bench.config import register_schemas
 from speft_bench.launcher import task_config
-
-from conftest import CONF, ROOT
+from tests.helpers import CONF, ROOT
 
 # The command lines of each target before the grids moved (commit d0663b1's Makefile), variables expanded:
 # the overrides after `python -m speft_bench [--multirun]`.
@@ -167,6 +166,7 @@ def test_each_target_runs_the_jobs_its_old_command_lines_ran(sweeps, target):
         assert str(master.hydra.launcher) == launcher, name
 
 
+@pytest.mark.slow
 def test_the_shortcut_composes_as_hydra_does(sweeps):
     """``Sweeps(fast=True)`` (value overrides on a shared composition) against a full composition per job."""
     slow = Sweeps(fast=False)

@@ -8,14 +8,23 @@ import pytest
 import torch
 
 from speft_bench.config import validate
-from speft_bench.data.instruct import (ALPACA_PROMPT_NO_INPUT, FORMATS, IGNORE_INDEX, Example, InstructSplit,
-                                       PadCollator, TokenizedInstruct, alpaca_prompt, load_instruct, tokenize)
+from speft_bench.data.instruct import (
+    ALPACA_PROMPT_NO_INPUT,
+    FORMATS,
+    IGNORE_INDEX,
+    Example,
+    InstructSplit,
+    PadCollator,
+    TokenizedInstruct,
+    alpaca_prompt,
+    load_instruct,
+    tokenize,
+)
 from speft_bench.data.sources import default_data_root, load_source
 from speft_bench.evaluation import lm_eval as bridge
 from speft_bench.models import ModelSourceError, load_causal_lm, load_tokenizer, resolve_pretrained
 from speft_bench.run import run
-
-from conftest import compose_config
+from tests.helpers import compose_config
 
 SMOLLM2 = ("model=smollm2_135m",)
 DATA = default_data_root()  # ../shared/data: the real files
@@ -58,13 +67,15 @@ def test_padding_is_masked_but_the_real_eos_is_learned(tokenizer):
     short = tokenize(Example("Add 2 and 3.", "", "5"), tokenizer, 512)
     long = tokenize(Example("Name a colour.", "The sky", "Blue."), tokenizer, 512)
     batch = PadCollator(tokenizer.pad_token_id)([short, long])
-    assert {k: tuple(v.shape) for k, v in batch.items()} == {k: (2, 53) for k in ("input_ids", "attention_mask", "labels")}
+    assert {k: tuple(v.shape) for k, v in batch.items()} == {k: (2, 53)
+                                                              for k in ("input_ids", "attention_mask", "labels")}
     assert batch["input_ids"][0, 38:].tolist() == [EOS] * 15  # pad id == EOS id for SmolLM2 ...
     assert batch["labels"][0, 36:].tolist() == [37, EOS] + [IGNORE_INDEX] * 15  # ... yet only the real EOS is a target
     assert batch["attention_mask"][0].tolist() == [1] * 38 + [0] * 15
     assert batch["labels"][1, -3:].tolist() == [23390, 30, EOS]  # "Blue", ".", <|im_end|>
 
 
+@pytest.mark.slow
 def test_model_loss_is_the_mean_over_response_tokens(tokenizer):
     """model(**batch).loss = cross-entropy over response tokens only; padding changes no real logit."""
     typed = validate(compose_config("task=gsm8k", "method=lora", *SMOLLM2))
@@ -83,10 +94,13 @@ def test_model_loss_is_the_mean_over_response_tokens(tokenizer):
     assert torch.allclose(out.logits[0, :38], alone[0], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_formats_on_the_real_files():
     [first] = FORMATS["openbookqa"](load_source("openbookqa", DATA)[0]["train"].select([0]))
-    assert first == Example("The sun is responsible for", "(A) puppies learning new tricks\n(B) children growing up "
-                            "and getting old\n(C) flowers wilting in a vase\n(D) plants sprouting, blooming and wilting",
+    assert first == Example("The sun is responsible for",
+                            "(A) puppies learning new tricks\n(B) children growing up and getting old\n"
+                            "(C) flowers wilting in a vase\n(D) plants sprouting, blooming and wilting",
+
                             "plants sprouting, blooming and wilting")
     split = load_instruct("gsm8k", "train", DATA, limit=2)
     assert split.source.endswith("gsm8k/train.jsonl (first 2)") and split.examples[0].output.endswith("#### 72")
@@ -119,6 +133,7 @@ TINY = ("task.train_limit=4", "task.max_length=160", "train.batch_size=2", "trai
         "task.eval.limit=2", "task.eval.num_fewshot.gsm8k=1", "task.eval.max_gen_toks=16", "task.eval.batch_size=2")
 
 
+@pytest.mark.slow
 def test_lora_on_gsm8k_end_to_end_writes_lm_eval_results(tmp_path):
     record = run(compose_config("task=gsm8k", "method=lora", *SMOLLM2, *TINY), tmp_path, command="pytest")
     assert record["status"] == "completed"
@@ -141,6 +156,7 @@ def test_lora_on_gsm8k_end_to_end_writes_lm_eval_results(tmp_path):
 ATTENTION = "method.targets=attention"  # 120 of the 210 target linears: PiSSA's SVDs and SPEFT's top-k stay quick
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", [("method=full",), ("method=pissa", ATTENTION), ("method=dora", ATTENTION),
                                     ("method=speft", "metric=gradient", ATTENTION, "method.calibration_examples=2",
                                      "method.calibration_batch_size=2"),
@@ -155,6 +171,7 @@ def test_every_method_trains_a_causal_lm(tmp_path, method):
     assert set(record["metrics"]) == {"arc_easy/acc,none", "arc_easy/acc_norm,none"}
 
 
+@pytest.mark.slow
 def test_pretrained_evaluates_the_loaded_model_untouched(tmp_path):
     """method=pretrained trains nothing and scores exactly what lm-eval scores on the freshly loaded model."""
     cfg = compose_config("task=openbookqa_256", "method=pretrained", *SMOLLM2, "task.train_limit=2",
@@ -164,6 +181,7 @@ def test_pretrained_evaluates_the_loaded_model_untouched(tmp_path):
     assert record["train"] == {"steps": 0, "epochs": 0.0, "loss_curve": []}
     typed = validate(cfg)
     source = resolve_pretrained(typed["model"], typed["paths"].cache_dir)
-    reference = bridge.evaluate(load_causal_lm(typed["model"], source, torch.float32), load_tokenizer(source, typed["model"]),
-                                typed["task"].eval, DATA)
+    reference = bridge.evaluate(load_causal_lm(typed["model"], source, torch.float32),
+                                load_tokenizer(source, typed["model"]), typed["task"].eval, DATA)
+
     assert record["metrics"] == reference["metrics"]

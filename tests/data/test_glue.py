@@ -12,8 +12,7 @@ from speft_bench.data.glue import load_glue
 from speft_bench.data.sources import default_data_root, glue_rows, load_source, tsv_records
 from speft_bench.evaluation.glue import glue_scores, majority_baseline
 from speft_bench.models import ModelSourceError
-
-from conftest import ROOT, compose_config
+from tests.helpers import ROOT, compose_config
 
 DATA_ROOT = ROOT.parent / "shared" / "data"
 
@@ -26,6 +25,7 @@ def task_spec(name: str, *overrides: str):
 @pytest.mark.parametrize(("task", "train", "dev"), [
     ("cola", 8551, 1043), ("sst2", 67349, 872), ("mrpc", 3668, 408), ("stsb", 5749, 1500), ("rte", 2490, 277),
 ])
+@pytest.mark.slow
 def test_local_glue_splits_have_the_published_sizes(task, train, dev):
     splits = load_glue(task_spec(task), DATA_ROOT)
     assert (len(splits["train"]), len(splits["dev"])) == (train, dev)
@@ -80,6 +80,7 @@ def test_tsv_reader_skips_malformed_lines_as_the_glue_release_needs(tmp_path):
     assert tsv_records(path, ["x", "y", "z"])[1:] == [{"x": "1", "y": '"2', "z": "3"}, {"x": "8", "y": "9", "z": ""}]
 
 
+@pytest.mark.slow
 def test_glue_rte_and_the_lm_eval_rte_source_read_the_same_rows():
     rows = load_source("rte", DATA_ROOT)[0]["validation"]
     dev = load_glue(task_spec("rte"), DATA_ROOT)["dev"]
@@ -130,4 +131,6 @@ def test_metrics_match_hand_computed_values():
 
 def test_majority_baseline_uses_the_training_majority():
     refs = np.array([1, 1, 0, 1])
-    assert majority_baseline(["accuracy", "f1"], refs, np.array([0, 1, 1])) == pytest.approx({"accuracy": 0.75, "f1": 6 / 7})
+    assert majority_baseline(["accuracy", "f1"], refs,
+                             np.array([0, 1, 1])) == pytest.approx({"accuracy": 0.75, "f1": 6 / 7})
+

@@ -8,14 +8,13 @@ from speft_bench.methods import METHODS
 from speft_bench.methods.base import MethodContext
 from speft_bench.models import targets_for
 from speft_bench.schemas import TargetScope
-
-from conftest import compose_config
+from tests.helpers import compose_config
 
 # MiniLM-L6: 6 layers, hidden 384, intermediate 1536; head: classifier 384 -> 2 (+ bias).
-LAYERS, H, I = 6, 384, 1536
+LAYERS, H, FF = 6, 384, 1536
 HEAD = H * 2 + 2
 # (d_in, d_out) of each target scope's linears per layer
-SHAPES = {"all": [(H, H)] * 4 + [(H, I), (I, H)], "mlp": [(H, I), (I, H)], "attention": [(H, H)] * 4}
+SHAPES = {"all": [(H, H)] * 4 + [(H, FF), (FF, H)], "mlp": [(H, FF), (FF, H)], "attention": [(H, H)] * 4}
 
 
 def lora_count(r: int, scope: str = "all") -> int:
@@ -37,6 +36,7 @@ def trainable(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("overrides", "expected"), [
     (["method=lora", "method.r=8"], lora_count(8) + HEAD),
     (["method=lora", "method.r=4", "method.targets=mlp"], lora_count(4, "mlp") + HEAD),
@@ -71,6 +71,7 @@ def test_targets_resolve_to_the_expected_linears(minilm):
     assert not any("pooler" in n or "classifier" in n for n in names["all"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "pissa", "dora"])
 def test_adapters_leave_the_function_unchanged_at_init(minilm, method):
     torch.manual_seed(0)

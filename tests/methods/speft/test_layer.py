@@ -1,29 +1,18 @@
-"""SparseDeltaLinear against the dense formulation W + Δ, and the adapter file on MiniLM-L6."""
+"""SparseDeltaLinear (methods/speft/layer.py) against the dense formulation W + Δ: forward, gradients, both
+value-gradient kernels, precision, merge, set_mask."""
 
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from speft_bench.methods.speft.layer import SparseDeltaLinear, choose_value_grad
-from speft_bench.methods.speft.model import (
-    ADAPTER_FORMAT,
-    AdapterError,
-    attach_sparse_deltas,
-    detach_sparse_deltas,
-    load_adapter,
-    save_adapter,
-    sparse_deltas,
-)
-from speft_bench.models import target_linears
-
-from conftest import saved_numels
+from tests.helpers import saved_numels
 
 KERNELS = ["dense", "sampled"]
 # conf/targets/bert.yaml `all`: the 36 linears of MiniLM-L6's blocks
-TARGETS = r".*\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"
+TARGETS = (r".*\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense"
+           r"|intermediate\.dense|output\.dense)")
 
 
 def random_layer(d_in=6, d_out=5, k=8, bias=True, dtype=torch.float64, value_grad="auto", seed=0):
@@ -127,8 +116,11 @@ def test_bf16_body_with_fp32_values_matches_an_fp64_reference(value_grad):
 
 # the faster kernel measured on Llama3-8B's shapes at LoRA r=64's budget, 256 tokens (BENCHMARKS.md)
 LLAMA3_R64_FASTER = {
-    torch.float32: {(4096, 4096): "sampled", (1024, 4096): "sampled", (14336, 4096): "sampled", (4096, 14336): "sampled"},
-    torch.bfloat16: {(4096, 4096): "sampled", (1024, 4096): "dense", (14336, 4096): "sampled", (4096, 14336): "sampled"},
+    torch.float32: {(4096, 4096): "sampled", (1024, 4096): "sampled", (14336, 4096): "sampled",
+                    (4096, 14336): "sampled"},
+    torch.bfloat16: {(4096, 4096): "sampled", (1024, 4096): "dense", (14336, 4096): "sampled",
+                     (4096, 14336): "sampled"},
+
 }
 
 
@@ -224,7 +216,7 @@ def test_set_mask_resets_values_keeps_the_parameter_and_commits_merges():
     assert torch.equal(layer.base.weight, merged_w) and layer.base_changed and not layer.merged
     assert "k=3, density=0.1" in repr(layer)
     # the optimizer's stale moments (sized for k=8) are the refresh's to drop: see
-    # test_speft_method.py::test_a_refresh_resets_the_optimizer_state_it_names, which drives the real one
+    # methods/speft/test_method.py::test_a_refresh_resets_the_optimizer_state_it_names, which drives the real one
     with pytest.raises(RuntimeError, match="size"):
         layer(torch.randn(3, 6)).sum().backward()
         optimizer.step()
@@ -243,128 +235,3 @@ def test_set_mask_rejects_bad_indices(indices, message):
 
 
 # --- on a real model ---------------------------------------------------------------------------------
-
-def random_indices(model, per_layer=300, seed=0) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return {name: torch.randperm(m.weight.numel(), generator=gen)[:per_layer]
-            for name, m in target_linears(model, TARGETS).items()}
-
-
-@pytest.fixture
-def trained(minilm):
-    """MiniLM-L6 with sparse deltas (300 random entries per target linear, random values), its base logits."""
-    model = minilm().eval()
-    batch = {"input_ids": torch.randint(1000, 20000, (2, 16), generator=torch.Generator().manual_seed(1))}
-    with torch.no_grad():
-        base_logits = model(**batch).logits
-    layers = attach_sparse_deltas(model, random_indices(model))
-    gen = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for layer in layers.values():
-            layer.values.copy_(0.05 * torch.randn(layer.k, generator=gen))
-    return model, batch, base_logits
-
-
-def test_attach_replaces_linears_in_place_and_freezes_only_their_bases(trained, minilm):
-    model, _, _ = trained
-    layers = sparse_deltas(model)
-    assert len(layers) == 36 and all(layer.k == 300 for layer in layers.values())
-    assert "bert.encoder.layer.0.attention.self.query.base.weight" in dict(model.named_parameters())
-    assert not any(layer.base.weight.requires_grad for layer in layers.values())
-    assert model.bert.embeddings.word_embeddings.weight.requires_grad  # the rest is the caller's business
-    with pytest.raises(ValueError, match=r"'bert.embeddings.LayerNorm' is not an nn.Linear of the model \(LayerNorm\)"):
-        attach_sparse_deltas(minilm(), {"bert.embeddings.LayerNorm": torch.tensor([0])})
-
-
-def test_adapter_round_trip_reproduces_logits(trained, minilm, tmp_path):
-    model, batch, base_logits = trained
-    with torch.no_grad():
-        logits = model(**batch).logits
-    assert (logits - base_logits).abs().max() > 1e-3  # the deltas matter
-
-    metadata = {"model": "minilm_l6", "targets": [TARGETS], "metric": "gradient", "budget": 36 * 300}
-    save_adapter(tmp_path / "adapter.safetensors", model, metadata)
-    fresh = minilm().eval()
-    assert load_adapter(tmp_path / "adapter.safetensors", fresh, model_id="minilm_l6", targets=[TARGETS]) == metadata
-    with torch.no_grad():
-        assert torch.equal(fresh(**batch).logits, logits)
-    assert {n: layer.indices.tolist() for n, layer in sparse_deltas(fresh).items()} == \
-           {n: layer.indices.tolist() for n, layer in sparse_deltas(model).items()}
-
-    with pytest.raises(AdapterError, match="adapter was trained on model 'minilm_l6', not 'opt_125m'"):
-        load_adapter(tmp_path / "adapter.safetensors", minilm(), model_id="opt_125m")
-    with pytest.raises(AdapterError, match=r"adapter targets \['\.\*"):
-        load_adapter(tmp_path / "adapter.safetensors", minilm(), targets=["query", "value"])
-
-
-def test_merged_export_loads_in_plain_transformers(trained, tmp_path):
-    from transformers import AutoModelForSequenceClassification
-
-    model, batch, base_logits = trained
-    with torch.no_grad():
-        logits = model(**batch).logits
-    restored = detach_sparse_deltas(model, merge=True)
-    assert len(restored) == 36 and not sparse_deltas(model)
-    assert not any(".base." in key for key in model.state_dict())
-    model.save_pretrained(tmp_path / "merged")
-    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
-    with torch.no_grad():
-        torch.testing.assert_close(plain(**batch).logits, logits, rtol=0, atol=1e-5)
-
-
-def test_detach_without_merge_restores_the_pretrained_model(trained):
-    model, batch, base_logits = trained
-    next(iter(sparse_deltas(model).values())).merge()  # a pending merge is undone too
-    detach_sparse_deltas(model, merge=False)
-    with torch.no_grad():
-        torch.testing.assert_close(model(**batch).logits, base_logits, rtol=0, atol=0)
-
-
-def test_save_refuses_a_pending_merge_and_keeps_a_refresh_merged_into_the_base(trained, tmp_path):
-    model, _, _ = trained
-    layer = sparse_deltas(model)["bert.encoder.layer.0.attention.self.query"]
-    old = layer.indices.long().clone()
-    layer.merge()
-    with pytest.raises(ValueError, match="layer 'bert.encoder.layer.0.attention.self.query' has its delta merged"):
-        save_adapter(tmp_path / "a.safetensors", model, {})
-    layer.set_mask(torch.tensor([0, 1]))  # as a dynamic-mask refresh does: the merge is permanent
-    assert torch.equal(layer.base_touched, old)
-    save_adapter(tmp_path / "a.safetensors", model, {})
-    with safe_open(str(tmp_path / "a.safetensors"), framework="pt") as f:
-        assert torch.equal(f.get_tensor(f"{QUERY}.base_indices"), old)
-        assert torch.equal(f.get_tensor(f"{QUERY}.base_weight"), layer.base.weight.view(-1)[old])
-
-
-QUERY = "bert.encoder.layer.0.attention.self.query"  # a 384 × 384 weight
-GOOD = {f"{QUERY}.indices": torch.tensor([0, 5, 7], dtype=torch.int32), f"{QUERY}.values": torch.ones(3)}
-
-
-@pytest.mark.parametrize(("tensors", "metadata", "message"), [
-    ({**GOOD, f"{QUERY}.indices": torch.tensor([0, 5, 147456], dtype=torch.int32)}, None,
-     rf"layer '{QUERY}': indices must lie in \[0, 147456\) for its weight \(384, 384\), found \[0, 147456\]"),
-    ({f"bert.encoder.layer.9.attention.self.query.{k.rsplit('.', 1)[1]}": v for k, v in GOOD.items()}, None,
-     r"layer 'bert.encoder.layer.9.attention.self.query' is not a linear layer of the model \(missing\)"),
-    ({"bert.embeddings.LayerNorm.indices": GOOD[f"{QUERY}.indices"], "bert.embeddings.LayerNorm.values": torch.ones(3)},
-     None, r"layer 'bert.embeddings.LayerNorm' is not a linear layer of the model \(LayerNorm\)"),
-    ({**GOOD, f"{QUERY}.values": torch.ones(4)}, None,
-     r"indices \(3,\) and values \(4,\) must be 1-D of the same length"),
-    ({**GOOD, f"{QUERY}.indices": torch.tensor([0.0, 5.0, 7.0])}, None,
-     "indices must be integers, got torch.float32"),
-    ({**GOOD, f"{QUERY}.values": torch.ones(3, dtype=torch.int64)}, None,
-     "values must be floating point, got torch.int64"),
-    ({**GOOD, f"{QUERY}.indices": torch.tensor([0, 5, 5])}, None, "indices contain duplicates"),
-    ({**GOOD, f"{QUERY}.values": torch.tensor([0.0, float("nan"), 1.0])}, None, "values contain NaN or inf"),
-    ({f"{QUERY}.indices": GOOD[f"{QUERY}.indices"]}, None, f"layer '{QUERY}' has no values tensor"),
-    ({**GOOD, "classifier.weight": torch.ones(2, 384)}, None, "unexpected tensor 'classifier.weight'"),
-    (GOOD, {}, "not a speft sparse-delta adapter"),
-    (GOOD, {"format": ADAPTER_FORMAT, "model": "{not json"}, "metadata is not JSON-encoded"),
-])
-def test_bad_adapters_raise_adapter_error_naming_the_problem(minilm, tmp_path, tensors, metadata, message):
-    path = tmp_path / "bad.safetensors"
-    save_file(tensors, str(path), metadata={"format": ADAPTER_FORMAT} if metadata is None else metadata)
-    model = minilm()
-    with pytest.raises(AdapterError, match=message):
-        load_adapter(path, model)
-    assert not sparse_deltas(model)  # nothing half-applied
-
-

@@ -14,8 +14,7 @@ from speft_bench.masking import lora_param_count, mask_digest, top_k_global
 from speft_bench.salience import SALIENCE_METRICS
 from speft_bench.salience.base import compute_salience, score_buffers
 from speft_bench.salience.memory import LiveBytes
-
-from conftest import MINILM, ROOT, compose_config
+from tests.helpers import MINILM, ROOT, compose_config
 
 
 class Tiny(nn.Module):
@@ -89,7 +88,8 @@ def test_fisher_is_the_mean_of_per_example_squared_gradients(setup):
     approx = compute_salience("fisher", model, weights, batches, micro_batch=2)
     pairs = [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10)]
     for name in weights:
-        expected = torch.stack([torch.stack([grads[i][name] for i in range(a, b)]).mean(0) ** 2 for a, b in pairs]).mean(0)
+        expected = torch.stack([torch.stack([grads[i][name] for i in range(a, b)]).mean(0) ** 2
+                                for a, b in pairs]).mean(0)
         torch.testing.assert_close(approx[name], expected, rtol=0, atol=1e-12)
 
 
@@ -136,6 +136,7 @@ def test_synflow_equals_the_path_product_on_a_linear_chain():
     assert isinstance(chain[3], nn.LayerNorm) and isinstance(chain[1], nn.GELU)
 
 
+@pytest.mark.slow
 def test_synflow_and_grasp_run_on_a_real_transformer(minilm):
     """Overflow-prone SynFlow (6 blocks of |θ|) and GRaSP's double backward through attention."""
     model = minilm()
@@ -157,7 +158,9 @@ def test_non_finite_salience_stops_naming_the_layer(setup):
 
 
 def test_all_eight_metrics_are_registered():
-    assert SALIENCE_METRICS.names() == ["fisher", "force", "gradient", "grasp", "magnitude", "snip", "synflow", "taylor_fo"]
+    assert SALIENCE_METRICS.names() == ["fisher", "force", "gradient", "grasp", "magnitude", "snip", "synflow",
+                                        "taylor_fo"]
+
 
 
 # --- the memory work changed no score: MiniLM-L6 + real MRPC, fp32 -----------------------------------
@@ -196,6 +199,7 @@ def mrpc(minilm):
     return SimpleNamespace(model=model, weights=weights, collate=lambda rows: collate([split[i] for i in rows]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("metric", sorted(OLD_DIGESTS))
 def test_masks_are_the_ones_of_the_code_before(mrpc, metric):
     batches = [mrpc.collate(range(a, b)) for a, b in [(0, 4), (4, 8), (8, 10)]]
@@ -205,6 +209,7 @@ def test_masks_are_the_ones_of_the_code_before(mrpc, metric):
     assert mask_digest(top_k_global(scores, k)) in {OLD_DIGESTS[metric], *OTHER_CPU_DIGESTS.get(metric, ())}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("metric", "options"), [("gradient", {}), ("grasp", {}), ("fisher", {"micro_batch": 8})])
 def test_micro_batches_of_4_equal_the_whole_batch_of_16_on_glue(mrpc, metric, options):
     batch = mrpc.collate(range(16))
@@ -271,6 +276,7 @@ def bits(model: nn.Module) -> list[torch.Tensor]:
     return [p.detach().view(ints[p.element_size()]).clone() for p in model.parameters()]
 
 
+@pytest.mark.slow
 def test_synflow_restores_every_parameter_bit_for_bit(minilm):
     model = minilm()
     with torch.no_grad():  # signed zeros, whose sign |θ| drops and a careless restore would not put back

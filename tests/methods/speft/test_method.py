@@ -7,16 +7,14 @@ from speft_bench.config import validate
 from speft_bench.masking import mask_digest
 from speft_bench.methods import METHODS
 from speft_bench.methods.base import MethodContext
-from speft_bench.methods.speft.model import sparse_deltas
+from speft_bench.methods.speft.model import SPARSE_DELTAS
 from speft_bench.run import calibration_sampler, run
 from speft_bench.salience import SALIENCE_METRICS
-
-from conftest import CONF, compose_config
+from tests.helpers import CALIBRATION, CONF, TINY_MRPC, compose_config
 
 METRICS = SALIENCE_METRICS.names()
 MASKINGS = sorted(p.stem for p in (CONF / "masking").glob("*.yaml"))
-TINY = ("task=mrpc", "task.train_limit=16", "task.eval_limit=8", "task.max_length=32", "train.max_steps=2",
-        "train.batch_size=4", "method.calibration_examples=8", "method.calibration_batch_size=4")
+TINY = (*TINY_MRPC, *CALIBRATION)
 
 
 def test_the_eight_metrics_and_four_maskings_exist():
@@ -32,6 +30,7 @@ CASES = ([(metric, "static_global") for metric in METRICS] + [("gradient", m) fo
          + [("synflow", "dynamic_global"), ("grasp", "dynamic_local")])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("metric", "masking"), CASES)
 def test_every_metric_and_masking_runs_end_to_end(tmp_path, metric, masking):
     refresh = ["masking.interval=1"] if masking.startswith("dynamic") else []  # a static mask rejects the knob
@@ -44,6 +43,7 @@ def test_every_metric_and_masking_runs_end_to_end(tmp_path, metric, masking):
     assert len(record["method"]["refreshes"]) == (1 if masking.startswith("dynamic") else 0)
 
 
+@pytest.mark.slow
 def test_dynamic_mask_really_recomputes_salience(tmp_path, monkeypatch):
     import speft_bench.methods.speft.method as speft
 
@@ -82,13 +82,14 @@ def one_step(model, optimizer, batch) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reset", ["all", "values"])
 def test_a_refresh_resets_the_optimizer_state_it_names(minilm, reset):
     cfg = compose_config("method=speft", "metric=gradient", "masking=dynamic_global", "masking.interval=3",
                          f"masking.optimizer_reset={reset}", *TINY)
     typed = validate(cfg)
     prepared = METHODS["speft"]().prepare(minilm(), MethodContext(cfg, typed, calibration))
-    model, layers = prepared.model.train(), sparse_deltas(prepared.model)
+    model, layers = prepared.model.train(), SPARSE_DELTAS.layers(prepared.model)
     values = {id(layer.values) for layer in layers.values()}
     params = [p for p in model.parameters() if p.requires_grad]
     head = [p for p in params if id(p) not in values]
@@ -121,6 +122,7 @@ def test_calibration_rounds_draw_fresh_examples():
     assert [len(b["labels"]) for b in first] == [8, 8]
 
 
+@pytest.mark.slow
 def test_the_authors_knobs_reach_salience_and_selection(minilm, monkeypatch):
     """metric.variant (GRaSP's reference draws two sets), method.calibration_mode and masking.local_split."""
     import speft_bench.methods.speft.method as speft
