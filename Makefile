@@ -11,6 +11,9 @@ MRPC_RUNS = paths.output_dir=results/mrpc_full
 # Each sweep's grid is an experiment config, conf/experiment/sweeps/<target>/<grid>.yaml (hydra.sweeper.params);
 # a run's config hash does not depend on paths, so a rerun skips what any earlier run of the same grid finished.
 SWEEP = $(PY) -m speft_bench --multirun
+# $(call sweeps,<folder>,<grids>): each grid of conf/experiment/sweeps/<folder>/ in turn into results/cpu,
+# stopping at the first that fails
+sweeps = for grid in $(2); do $(SWEEP) experiment=sweeps/$(1)/$$grid $(CPU_RUNS) || exit 1; done
 
 .PHONY: help install test test-fast lint test-slurm demo bench wheelhouse gpu-check tables results-mrpc results-llm sweep-cpu-speft-table1 sweep-cpu-speft-table4 sweep-cpu-spsft sweep-cpu-protocol clean
 
@@ -55,37 +58,23 @@ tables:  ## rebuild results/tables/*.{md,tex,csv} and figures from results/{cpu,
 	$(PY) scripts/make_figures.py
 
 sweep-cpu-speft-table1:  ## CPU twin of SPEFT Table 1/9: LoRA, PiSSA, SPEFT x 8 metrics on MiniLM-L6 (resumable)
-	$(SWEEP) experiment=sweeps/speft_table1/lora_pissa $(CPU_RUNS)
-	$(SWEEP) experiment=sweeps/speft_table1/speft $(CPU_RUNS)
+	$(call sweeps,speft_table1,lora_pissa speft)
 
 sweep-cpu-speft-table4:  ## CPU twin of SPEFT Table 4: static/dynamic x global/local masks, gradient salience
-	$(SWEEP) experiment=sweeps/speft_table4/static $(CPU_RUNS)
-	$(SWEEP) experiment=sweeps/speft_table4/dynamic $(CPU_RUNS)
+	$(call sweeps,speft_table4,static dynamic)
 
 sweep-cpu-spsft:  ## CPU twin of SPSFT Tables 3/5: SPSFT (l2, taylor, qm_taylor, MLP-only), full, head
-	$(SWEEP) experiment=sweeps/spsft/l2_taylor $(CPU_RUNS)
-	$(SWEEP) experiment=sweeps/spsft/qm_taylor $(CPU_RUNS)
-	$(SWEEP) experiment=sweeps/spsft/l2_mlp $(CPU_RUNS)
-	$(SWEEP) experiment=sweeps/spsft/full $(CPU_RUNS)
-	$(SWEEP) experiment=sweeps/spsft/head $(CPU_RUNS)
+	$(call sweeps,spsft,l2_taylor qm_taylor l2_mlp full head)
 
 # The papers' protocol on the twins (issue 15): 3 seeds on the four tasks that rank anything (CoLA's MCC
 # is ~0 for every method at this budget, so it stays at seed 0), an lr check, the missing SPSFT rows;
 # most decisive first. 2 jobs × 1 thread (hydra/launcher=local train.num_threads=1, in each config):
 # 1.32× the runs per hour of 1 × 2 (results/bench/sweep_throughput.json).
+PROTOCOL_GRIDS = lora_pissa_seeds speft_gradient_seeds speft_gradient_static_local_seeds speft_gradient_dynamic_seeds \
+	lora_lr speft_gradient_lr spsft_qm_taylor spsft_l2_mlp full_lr speft_other_metrics_seeds \
+	speft_reference_grasp_synflow speft_reference_fisher
 sweep-cpu-protocol:  ## seeds 1-2 of the Table 1/4 twins, lr sensitivity, SPSFT QM-Taylor/MLP-only/Full (resumable, hours)
-	$(SWEEP) experiment=sweeps/protocol/lora_pissa_seeds $(CPU_RUNS)
-	$(SWEEP) experiment=sweeps/protocol/speft_gradient_seeds $(CPU_RUNS)
-	$(SWEEP) experiment=sweeps/protocol/speft_gradient_static_local_seeds $(CPU_RUNS)
-	$(SWEEP) experiment=sweeps/protocol/speft_gradient_dynamic_seeds $(CPU_RUNS)
-	$(SWEEP) experiment=sweeps/protocol/lora_lr $(CPU_RUNS)
-	$(SWEEP) experiment=sweeps/protocol/speft_gradient_lr $(CPU_RUNS)
-	$(SWEEP) experiment=sweeps/protocol/spsft_qm_taylor $(CPU_RUNS)
-	$(SWEEP) experiment=sweeps/protocol/spsft_l2_mlp $(CPU_RUNS)
-	$(SWEEP) experiment=sweeps/protocol/full_lr $(CPU_RUNS)
-	$(SWEEP) experiment=sweeps/protocol/speft_other_metrics_seeds $(CPU_RUNS)
-	$(SWEEP) experiment=sweeps/protocol/speft_reference_grasp_synflow $(CPU_RUNS)
-	$(SWEEP) experiment=sweeps/protocol/speft_reference_fisher $(CPU_RUNS)
+	$(call sweeps,protocol,$(PROTOCOL_GRIDS))
 
 results-mrpc:  ## the full-MRPC comparison at LoRA r=8's budget -> results/mrpc_full (about 50 min)
 	$(SWEEP) experiment=sweeps/mrpc_full/lora $(MRPC_RUNS)

@@ -100,3 +100,29 @@ def assert_close(a: dict, b: dict, **tolerance) -> None:
     assert a.keys() == b.keys() and len(a) > 0
     for name in a:
         torch.testing.assert_close(a[name], b[name], msg=name, **tolerance)
+
+
+def assert_micro_batches_of_4_match(model, batch, spec, device) -> tuple[float, dict]:
+    """``batch`` as one batch and as micro-batches of 4 (``train.micro_batch_size``) give the same loss and
+    gradients.  Returns the one batch's (loss, gradients); ``spec.micro_batch_size`` is left unset."""
+    import pytest
+
+    from speft_bench.run import forward_backward
+
+    whole = forward_backward(model, batch, 0, spec, device)
+    reference = gradients(model)
+    spec.micro_batch_size = 4
+    assert forward_backward(model, batch, 0, spec, device) == pytest.approx(whole, rel=1e-5)
+    assert_close(gradients(model), reference, rtol=1e-4, atol=1e-6)
+    spec.micro_batch_size = None
+    return whole, reference
+
+
+def with_base_logits(model) -> tuple:
+    """(model in eval mode, a fixed 2 × 16 batch of token ids, the model's logits on it before any method)."""
+    import torch
+
+    model = model.eval()
+    batch = {"input_ids": torch.randint(1000, 20000, (2, 16), generator=torch.Generator().manual_seed(1))}
+    with torch.no_grad():
+        return model, batch, model(**batch).logits

@@ -10,7 +10,14 @@ import torch
 from speft_bench import precision
 from speft_bench.device import device_record, resolve_device
 from speft_bench.run import enable_gradient_checkpointing, forward_backward
-from tests.helpers import assert_close, gradients, instruct_batch, prepare_method, tiny_llama
+from tests.helpers import (
+    assert_close,
+    assert_micro_batches_of_4_match,
+    gradients,
+    instruct_batch,
+    prepare_method,
+    tiny_llama,
+)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 INSTRUCT = ("model=smollm2_135m", "task=gsm8k")
@@ -57,12 +64,7 @@ def test_accumulation_and_checkpointing_equalities_on_cuda():
     batch = instruct_batch()
     model, spec = prepare_method(tiny_llama().to(device), ("method=lora", *INSTRUCT), on_cuda(batch))
     model.train()
-    whole = forward_backward(model, batch, 0, spec, device)
-    reference = gradients(model)
-    spec.micro_batch_size = 4
-    assert forward_backward(model, batch, 0, spec, device) == pytest.approx(whole, rel=1e-5)
-    assert_close(gradients(model), reference, rtol=1e-4, atol=1e-6)
-    spec.micro_batch_size = None
+    whole, reference = assert_micro_batches_of_4_match(model, batch, spec, device)
     enable_gradient_checkpointing(model)
     assert forward_backward(model, batch, 0, spec, device) == pytest.approx(whole, rel=1e-6)
     assert_close(gradients(model), reference, rtol=1e-5, atol=1e-7)

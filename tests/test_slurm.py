@@ -25,8 +25,8 @@ from tests.helpers import ROOT, compose_config
 SITE = ROOT / "tests" / "slurm_conf"
 LAUNCH = ["--multirun", "hydra/launcher=slurm", f"hydra.searchpath=[file://{SITE}]",
           "hydra/launcher/site@hydra.launcher=test_cluster"]
-JOB = ["method=head", "task=mrpc", "++task.train_limit=16", "++task.eval_limit=8", "++task.max_length=32",
-       "train.log_every=1"]
+# debug=tiny, at the default batch of 16 (the timings below assume its step time)
+JOB = ["debug=tiny", "method=head", "task=mrpc", "train.batch_size=16", "train.log_every=1"]
 SLURM_ENV = {"SLURM_JOB_ID": "8", "SLURM_ARRAY_JOB_ID": "7", "SLURM_ARRAY_TASK_ID": "1", "SLURM_JOB_NAME": "speft-x",
              "SLURM_JOB_PARTITION": "gpu", "SLURMD_NODENAME": "n1", "SLURM_CPUS_ON_NODE": "4",
              "SLURM_GPUS_ON_NODE": "1", "SLURM_JOB_GPUS": "3", "SLURM_RESTART_COUNT": "2"}

@@ -62,12 +62,22 @@ class Method:
 
 
 def prepare_without_data(model: nn.Module, cfg: DictConfig, typed: dict[str, Any]) -> Prepared:
-    """The run's own method (``METHODS[method.name]().prepare``) on ``model`` with every calibration draw
-    empty: what the dry run and the benchmarks attach.  SPEFT and SPSFT then need a data-free metric
+    """The run's own method (``METHODS[method.name]().prepare``) on ``model`` with no calibration data:
+    what the dry run and the benchmarks attach.  SPEFT and SPSFT then need a data-free metric
     (magnitude, l2): which entries or rows train changes neither the time nor the memory of a step."""
+    from speft_bench.errors import ConfigError
     from speft_bench.methods import METHODS  # the registry, filled by the method modules that import this one
+    from speft_bench.salience import SALIENCE_METRICS
 
-    return METHODS[typed["method"].name]().prepare(model, MethodContext(cfg, typed, lambda *_: []))
+    def no_draws(*_: int) -> list[dict]:
+        name = typed["metric"].name
+        if name in SALIENCE_METRICS and not getattr(SALIENCE_METRICS[name], "reads_data", True):
+            return []
+        # a data-driven metric fed nothing would rank every entry alike: refuse rather than pick silently
+        raise ConfigError(f"metric={typed['metric'].name} needs calibration data, which this attach has none of; "
+                          "use a data-free metric (magnitude for speft, l2 for spsft)")
+
+    return METHODS[typed["method"].name]().prepare(model, MethodContext(cfg, typed, no_draws))
 
 
 def freeze_all_but(model: nn.Module, trainable: dict[str, nn.Parameter]) -> None:

@@ -12,3 +12,4 @@ def magnitude(model, weights, batches, calibration_micro_batch=None, offload: bo
 
 
 magnitude.runs_model = False  # method.calibration_mode=train would be ignored: rejected (methods/speft)
+magnitude.reads_data = False  # its calibration draw may be empty (methods.base.prepare_without_data)

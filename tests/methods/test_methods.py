@@ -82,3 +82,21 @@ def test_adapters_leave_the_function_unchanged_at_init(minilm, method):
         model, _ = prepare(model, f"method={method}")
         after = model.eval()(**batch).logits
     torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("method", "metric", "raises"), [
+    ("speft", "gradient", True), ("spsft", "taylor", True), ("speft", "magnitude", False), ("speft", "synflow", False),
+    ("spsft", "l2", False)])
+def test_prepare_without_data_refuses_a_data_driven_metric(method, metric, raises):
+    from speft_bench.errors import ConfigError
+    from speft_bench.methods.base import prepare_without_data
+    from tests.helpers import tiny_llama
+
+    cfg = compose_config("task=gsm8k", "model=smollm2_135m", f"method={method}", f"metric={metric}")
+    typed = validate(cfg)
+    if raises:
+        with pytest.raises(ConfigError, match=f"metric={metric} needs calibration data"):
+            prepare_without_data(tiny_llama(), cfg, typed)
+    else:
+        model = prepare_without_data(tiny_llama(), cfg, typed).model
+        assert 0 < trainable(model) < sum(p.numel() for p in model.parameters())

@@ -7,6 +7,7 @@ from safetensors.torch import save_file
 
 from speft_bench.methods.speft.model import ADAPTER_FORMAT, SPARSE_DELTAS, AdapterError
 from speft_bench.models import target_linears
+from tests.helpers import with_base_logits
 
 KERNELS = ["dense", "sampled"]
 # conf/targets/bert.yaml `all`: the 36 linears of MiniLM-L6's blocks
@@ -23,10 +24,7 @@ def random_indices(model, per_layer=300, seed=0) -> dict[str, torch.Tensor]:
 @pytest.fixture
 def trained(minilm):
     """MiniLM-L6 with sparse deltas (300 random entries per target linear, random values), its base logits."""
-    model = minilm().eval()
-    batch = {"input_ids": torch.randint(1000, 20000, (2, 16), generator=torch.Generator().manual_seed(1))}
-    with torch.no_grad():
-        base_logits = model(**batch).logits
+    model, batch, base_logits = with_base_logits(minilm())
     layers = SPARSE_DELTAS.attach(model, random_indices(model))
     gen = torch.Generator().manual_seed(2)
     with torch.no_grad():

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 from speft_bench.methods.speft.model import ADAPTER_FORMAT as SPEFT_FORMAT
 from speft_bench.methods.speft.model import SPARSE_DELTAS
 from speft_bench.methods.spsft.model import ADAPTER_FORMAT, ROW_DELTAS, AdapterError
-from tests.helpers import prepare_method
+from tests.helpers import prepare_method, with_base_logits
 
 QUERY = "bert.encoder.layer.0.attention.self.query"
 
@@ -16,10 +16,7 @@ QUERY = "bert.encoder.layer.0.attention.self.query"
 @pytest.fixture
 def tuned(minilm):
     """MiniLM-L6 with 16 l2-chosen rows per target and random deltas, and a batch with its base logits."""
-    model = minilm().eval()
-    batch = {"input_ids": torch.randint(1000, 20000, (2, 16), generator=torch.Generator().manual_seed(1))}
-    with torch.no_grad():
-        base_logits = model(**batch).logits
+    model, batch, base_logits = with_base_logits(minilm())
     prepare_method(model, ["task=mrpc", "method=spsft", "metric=l2"], batch)
     gen = torch.Generator().manual_seed(2)
     with torch.no_grad():
