@@ -15,7 +15,7 @@ SWEEP = $(PY) -m speft_bench --multirun
 # stopping at the first that fails
 sweeps = for grid in $(2); do $(SWEEP) experiment=sweeps/$(1)/$$grid $(CPU_RUNS) || exit 1; done
 
-.PHONY: help install test test-fast lint test-slurm demo bench wheelhouse gpu-check tables results-mrpc results-llm sweep-cpu-speft-table1 sweep-cpu-speft-table4 sweep-cpu-spsft sweep-cpu-protocol clean
+.PHONY: help install test test-fast lint test-slurm demo bench bench-paper-shape wheelhouse gpu-check tables results-mrpc results-llm sweep-cpu-speft-table1 sweep-cpu-speft-table4 sweep-cpu-spsft sweep-cpu-protocol clean
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-24s %s\n", $$1, $$2}'
@@ -50,6 +50,9 @@ bench:  ## step time, memory and salience cost per method -> results/bench/ (abo
 	$(PY) scripts/bench.py steps --name steps_smollm2 --models smollm2_135m:16x128 --steps 3
 	$(PY) scripts/bench.py steps --name spsft_memory --variants floor lora dora spsft full --scopes all mlp \
 	    --models minilm_l6:16x128 smollm2_135m:16x256 --steps 2 --rounds 1 --single-pass
+
+bench-paper-shape:  ## SPSFT Table 7 / SPEFT's speed at Llama2-7B/Llama3-8B shapes, 1-4 blocks (CPU, hours, resumable)
+	PY=$(PY) bash scripts/bench_paper_shape_cpu.sh
 
 tables:  ## rebuild results/tables/*.{md,tex,csv} and figures from results/{cpu,mrpc_full,llm,bench}
 	$(PY) scripts/make_tables.py --records results/cpu --out results/tables --claims conf/claims.yaml

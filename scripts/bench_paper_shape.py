@@ -11,7 +11,8 @@ every token), AdamW, and the run's precision (``speft_bench.precision``).  It re
 paper's appendix D.1:
 
 * ``mem_M``: peak memory of a no-grad forward of the batch (inference on the training data);
-* ``mem_TTL``: peak memory over the training steps (forward, backward, AdamW step);
+* ``mem_TTL``: peak memory over the training steps (forward, backward, AdamW step), at least two: only
+  from the second on do AdamW's state and the gradients live beside the activations;
 * ``mem = mem_TTL − mem_M``;
 * ``parts`` of one step, exact tensor bytes: trainable tensors, their gradients, AdamW's state, and
   the activations autograd saves for backward (storages counted once, frozen weights left out);
@@ -21,6 +22,12 @@ Peak memory is RSS on CPU (``VmHWM`` reset by ``/proc/self/clear_refs`` once the
 ``MALLOC_MMAP_THRESHOLD_`` so freed tensors go back to the OS) and ``max_memory_allocated`` on CUDA.
 With several depths the report fits each memory figure to a + b·N by least squares, shows the
 residuals and extrapolates to the model's full depth (labelled as an extrapolation).
+
+``--ablate`` switches one thing off to show where memory goes: ``no_cache`` (``use_cache=False``: no
+key/value cache in either pass) and ``sgd`` (plain SGD: no optimizer state).  ``--salience METRIC …``
+adds, per depth, the peak of that SPEFT salience metric on the same batch (the unadapted model,
+``method.calibration_micro_batch=1``), to set against the SPEFT training peak.  Rows are appended to
+``--out`` as they finish; a rerun skips the (model, precision, depth, variant, ablation) rows it holds.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import MMAP, OUT, attach_peft_only, harness_config, machine, reset_peak, rss_mb  # noqa: E402
@@ -59,6 +67,7 @@ VARIANTS = {
     "shira": "peft",
     "full": ("method=full",),
 }
+SALIENCE = "salience:"  # variant prefix of a salience row (--salience): the metric's pass, no method
 PAPER = Path(__file__).resolve().parent.parent / "results" / "paper" / "spsft_table7.csv"
 # lora_dropout0.1: the paper's LoRA uses dropout 0.1
 PAPER_ROWS = {"lora_dropout0.1": "LoRA, r = 64", "dora": "DoRA, r = 64", "spsft": "SPSFT, r = 128",
@@ -87,9 +96,11 @@ def saved_activation_bytes(model, batch, spec, device) -> tuple[float, int]:
     seen: dict[int, int] = {}
 
     def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = storage.nbytes()
+        # a sparse tensor (SHiRA's delta) has no storage of its own: count its indices' and values'
+        for part in (t._indices(), t._values()) if t.is_sparse else (t,):
+            storage = part.untyped_storage()
+            if storage.data_ptr() not in params:
+                seen[storage.data_ptr()] = storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), precision.autocast(spec, device):
@@ -98,14 +109,14 @@ def saved_activation_bytes(model, batch, spec, device) -> tuple[float, int]:
 
 
 def build(args):
-    """(model, typed train spec, device): the shape cut to ``args.layers`` blocks, the variant attached."""
+    """(model, typed config, device): the shape cut to ``args.layers`` blocks, the variant attached."""
     from speft_bench import precision
     from speft_bench.device import resolve_device
     from speft_bench.methods.base import prepare_without_data
     from speft_bench.models import load_causal_lm, targets_for
     from speft_bench.schemas import TargetScope
 
-    spec = VARIANTS[args.variant]
+    spec = VARIANTS.get(args.variant)  # None: floor, or a salience row (the unadapted model)
     overrides = spec if isinstance(spec, tuple) else ("method=lora",)
     cfg, typed = harness_config(f"model={args.model}", "model.init=random", f"model.num_layers={args.layers}",
                                 "task=alpaca", f"train.precision={args.precision}", *overrides)
@@ -118,17 +129,20 @@ def build(args):
         model = attach_peft_only(model, args.variant, 64, targets_for(model, typed["model"], TargetScope.all))
     else:
         model.requires_grad_(False)
+    if args.ablate == "no_cache":
+        model.config.use_cache = False
     precision.setup(model, typed["train"])
-    if args.variant != "full":
+    if args.variant != "full" and not args.variant.startswith(SALIENCE):
         model.enable_input_require_grads()  # the gradient flows through every block, as for any in-body method
-    return model.train(), typed["train"], device
+    return model.train(), typed, device
 
 
 def worker(args) -> dict:
     from speft_bench import precision
 
     torch.set_num_threads(args.threads)
-    model, spec, device = build(args)
+    model, typed, device = build(args)
+    spec = typed["train"]
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(100, 30000, (args.batch_size, args.seq_len), generator=gen).to(device)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
@@ -139,9 +153,12 @@ def worker(args) -> dict:
         model(**batch)
     row["mem_M_mb"] = peak_mb(device)
     reset(device)
-    optimizer = torch.optim.AdamW(params, lr=1e-5) if params else None
+    if args.variant.startswith(SALIENCE):
+        return row | salience_peak(model, typed["model"], batch, args.variant.removeprefix(SALIENCE), device)
+    optimizer = None if not params else (torch.optim.SGD(params, lr=1e-5) if args.ablate == "sgd"
+                                         else torch.optim.AdamW(params, lr=1e-5))
     times = []
-    for step in range(1 + args.steps):
+    for step in range(1 + max(args.steps, 1)):  # --steps 0: the second step is run, not timed
         start = time.perf_counter()
         if step == 0:
             loss, row["saved_activations_mb"] = saved_activation_bytes(model, batch, spec, device)
@@ -158,7 +175,7 @@ def worker(args) -> dict:
             optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        if step > 0:
+        if step > 0 and args.steps:
             times.append(time.perf_counter() - start)
     row["mem_TTL_mb"] = peak_mb(device)
     row["mem_mb"] = row["mem_TTL_mb"] - row["mem_M_mb"]
@@ -170,11 +187,29 @@ def worker(args) -> dict:
     return row
 
 
+def salience_peak(model, model_spec, batch, metric: str, device) -> dict:
+    """mem_TTL of a salience row: the peak over one pass of ``metric`` on ``batch`` (targets: all seven linears)."""
+    from speft_bench.models import targets_for
+    from speft_bench.salience.base import compute_salience
+    from speft_bench.schemas import TargetScope
+
+    weights = {n: m.weight for n, m in targets_for(model, model_spec, TargetScope.all).items()}
+    start = time.perf_counter()
+    scores = compute_salience(metric, model.eval(), weights, [batch], calibration_micro_batch=1)
+    mem_ttl = peak_mb(device)
+    return {"mem_TTL_mb": mem_ttl, "mem_mb": None, "step_s": round(time.perf_counter() - start, 1),
+            "scores_mb": sum(t.numel() * t.element_size() for t in scores.values()) / 2**20}
+
+
 def run_one(cli: list[str]) -> dict:
     """One configuration in a fresh process (its own peak memory); RuntimeError with its stderr's end if it fails."""
     done = subprocess.run([sys.executable, __file__, *cli], capture_output=True, text=True, env=os.environ | MMAP)
+    if done.returncode < 0:  # SIGKILL here is the kernel's out-of-memory killer
+        oom = " (out of memory)" if done.returncode == -9 else ""
+        raise RuntimeError(f"killed by signal {-done.returncode}{oom}")
     if done.returncode:
-        raise RuntimeError(done.stderr[-2000:] or f"exit code {done.returncode}")
+        errors = [line for line in done.stderr.splitlines() if "Error" in line]  # not a progress bar's last line
+        raise RuntimeError(errors[-1] if errors else f"exit code {done.returncode}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -199,56 +234,112 @@ def paper_value(model: str, variant: str, column: str) -> str:
     return f"{prefix}{hit.value.iloc[0]:g}"
 
 
-def report(rows: list[dict], args) -> str:
-    gb = 1 / 1024
-    lines = ["| model | precision | method | N | trainable | s/step | × LoRA s | mem_M GB | mem_TTL GB | mem GB "
-             "| × LoRA mem | saved act. GB | grads GB | AdamW GB |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+KEY = ("model", "precision", "layers", "variant", "ablate")  # what makes a row; a rerun skips the rows it holds
+
+
+def same(row: dict, **fields) -> bool:
+    return "error" not in row and all(row.get(k, "none" if k == "ablate" else None) == v for k, v in fields.items())
+
+
+def gb(mb: float | None) -> str:
+    return "—" if mb is None else f"{mb / 1024:.2f}"
+
+
+def depth_fits(rows: list[dict]) -> dict:
+    """(model, precision, variant, ablation) -> each memory figure's fit in GB over the depths measured (≥ 2)."""
+    fits = {}
+    for key in dict.fromkeys((r["model"], r["precision"], r["variant"], r.get("ablate", "none"))
+                             for r in rows if "error" not in r):
+        got = sorted((r for r in rows if same(r, model=key[0], precision=key[1], variant=key[2], ablate=key[3])),
+                     key=lambda r: r["layers"])
+        if len({r["layers"] for r in got}) >= 2:
+            fits[key] = {m: fit([r["layers"] for r in got], [r[m] / 1024 for r in got], FULL_DEPTH[key[0]])
+                         for m in ("mem_M_mb", "mem_TTL_mb", "mem_mb") if got[0][m] is not None}
+            fits[key]["depths"] = [r["layers"] for r in got]
+    return fits
+
+
+def report(rows: list[dict]) -> str:
+    lines = ["| model | precision | method | ablation | N | trainable | s/step | × LoRA s | mem_M GB | mem_TTL GB "
+             "| mem GB | × LoRA mem | saved act. GB | grads GB | optimizer GB |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        head = f"| {r['model']} | {r['precision']} | {r['variant']} | {r.get('ablate', 'none')} | {r['layers']} "
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['precision']} | {r['variant']} | {r['layers']} | {r['error']} "
-                         f"| | | | | | | | | |")
+            lines.append(head + f"| error: {r['error']} | | | | | | | | | |")
             continue
-        lora = next((x for x in rows if x.get("variant") == "lora" and "error" not in x
-                     and (x["model"], x["precision"], x["layers"]) == (r["model"], r["precision"], r["layers"])), None)
-        ratio_s = f"{r['step_s'] / lora['step_s']:.2f}" if lora and r["step_s"] and lora["step_s"] else "—"
-        ratio_m = f"{r['mem_mb'] / lora['mem_mb']:.2f}" if lora and lora["mem_mb"] > 0 else "—"
+        lora = next((x for x in rows if same(x, model=r["model"], precision=r["precision"], layers=r["layers"],
+                                             variant="lora", ablate=r.get("ablate", "none"))), None)
+        timed = lora and r["step_s"] and lora["step_s"] and not r["variant"].startswith(SALIENCE)
+        ratio_s = f"{r['step_s'] / lora['step_s']:.2f}" if timed else "—"
+        ratio_m = f"{r['mem_mb'] / lora['mem_mb']:.2f}" if lora and r["mem_mb"] is not None else "—"
         step = f"{r['step_s']:.2f}" if r["step_s"] else "—"
-        lines.append(f"| {r['model']} | {r['precision']} | {r['variant']} | {r['layers']} | {r['trainable']:,} "
-                     f"| {step} | {ratio_s} | {r['mem_M_mb'] * gb:.2f} | {r['mem_TTL_mb'] * gb:.2f} "
-                     f"| {r['mem_mb'] * gb:.2f} | {ratio_m} | {r['saved_activations_mb'] * gb:.2f} "
-                     f"| {r['gradients_mb'] * gb:.2f} | {r['optimizer_state_mb'] * gb:.2f} |")
+        lines.append(head + f"| {r['trainable']:,} | {step} | {ratio_s} | {gb(r['mem_M_mb'])} | {gb(r['mem_TTL_mb'])} "
+                     f"| {gb(r['mem_mb'])} | {ratio_m} | {gb(r.get('saved_activations_mb'))} "
+                     f"| {gb(r.get('gradients_mb'))} | {gb(r.get('optimizer_state_mb'))} |")
     out = "\n".join(lines) + "\n"
-    depths = sorted({r["layers"] for r in rows})
-    if len(depths) >= 2:
-        out += ("\nExtrapolation to the full depth (least squares a + b·N over N = "
-                f"{', '.join(map(str, depths))}; residuals in GB) beside SPSFT Table 7 (fp32, its batch):\n\n"
-                "| model | precision | method | mem_M GB | mem_TTL GB | mem GB (residuals) | × LoRA | paper mem_TTL "
-                "| paper mem |\n|---|---|---|---:|---:|---:|---:|---:|---:|\n")
-        fits = {}
-        for key in sorted({(r["model"], r["precision"], r["variant"]) for r in rows if "error" not in r},
-                          key=lambda k: (k[0], k[1], list(VARIANTS).index(k[2]))):
-            got = sorted((r for r in rows if (r["model"], r["precision"], r["variant"]) == key and "error" not in r),
-                         key=lambda r: r["layers"])
-            if len(got) < 2:
+    fits = depth_fits(rows)
+    if fits:
+        out += ("\n**Extrapolated** to the full depth (32 blocks) by least squares a + b·N over the depths measured; "
+                "residuals in GB; b = GB per block. × LoRA: against LoRA r=64 without dropout, same ablation; "
+                "× paper LoRA: against LoRA r=64 with dropout 0.1, the paper's. Beside SPSFT Table 7 "
+                "(fp32, its batch):\n\n"
+                "| model | precision | method | ablation | N fitted | mem_M GB | mem_TTL GB (b) | mem GB (residuals) "
+                "| × LoRA | × paper LoRA | paper mem_TTL | paper mem |\n"
+                "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n")
+        for (model, prec, variant, ablate), f in fits.items():
+            ttl = f"{f['mem_TTL_mb']['extrapolated']:.2f} ({f['mem_TTL_mb']['b']:.3f})"
+            if "mem_mb" not in f:  # a salience row: its peak only
+                out += (f"| {model} | {prec} | {variant} | {ablate} | {', '.join(map(str, f['depths']))} "
+                        f"| {f['mem_M_mb']['extrapolated']:.2f} | {ttl} | — | — | — | — | — |\n")
                 continue
-            ns = [r["layers"] for r in got]
-            fits[key] = {m: fit(ns, [r[m] * gb for r in got], FULL_DEPTH[key[0]])
-                         for m in ("mem_M_mb", "mem_TTL_mb", "mem_mb")}
-        for (model, prec, variant), f in fits.items():
-            lora = fits.get((model, prec, "lora"))
-            ratio = f"{f['mem_mb']['extrapolated'] / lora['mem_mb']['extrapolated']:.2f}" if lora else "—"
-            res = ", ".join(f"{x:+.3f}" for x in f["mem_mb"]["residuals"])
-            lines_ = (f"| {model} | {prec} | {variant} | {f['mem_M_mb']['extrapolated']:.2f} "
-                      f"| {f['mem_TTL_mb']['extrapolated']:.2f} | {f['mem_mb']['extrapolated']:.2f} ({res}) | {ratio} "
-                      f"| {paper_value(model, variant, 'mem_TTL')} | {paper_value(model, variant, 'mem')} |\n")
-            out += lines_
-    memory = ("max_memory_allocated" if args.device.startswith("cuda")
-              else "peak RSS (VmHWM, MALLOC_MMAP_THRESHOLD_=131072)")
-    out += (f"\n`python scripts/bench_paper_shape.py {' '.join(args.argv)}` on {machine()}; batch "
-            f"{args.batch_size}×{args.seq_len}; {args.threads} threads; {args.steps} timed step(s) after one warm-up; "
-            f"memory: {memory}.\n")
+            ratios = []
+            for ref in ("lora", "lora_dropout0.1"):
+                other = fits.get((model, prec, ref, ablate), {}).get("mem_mb")
+                ratios.append(f"{f['mem_mb']['extrapolated'] / other['extrapolated']:.2f}" if other else "—")
+            res = ", ".join(f"{round(x, 3) + 0.0:+.3f}" for x in f["mem_mb"]["residuals"])  # no "-0.000"
+            paper = ("—", "—") if ablate != "none" else (paper_value(model, variant, "mem_TTL"),
+                                                        paper_value(model, variant, "mem"))
+            out += (f"| {model} | {prec} | {variant} | {ablate} | {', '.join(map(str, f['depths']))} "
+                    f"| {f['mem_M_mb']['extrapolated']:.2f} | {ttl} | {f['mem_mb']['extrapolated']:.2f} ({res}) "
+                    f"| {ratios[0]} | {ratios[1]} | {paper[0]} | {paper[1]} |\n")
+    out += salience_report(rows, fits)
+    commands = dict.fromkeys((r["command"], r["machine"]) for r in rows if "command" in r)
+    out += ("\nCommands (each row records its own; memory: peak RSS (VmHWM, MALLOC_MMAP_THRESHOLD_=131072) on CPU, "
+            "max_memory_allocated on CUDA):\n\n" + "".join(f"- `{c}` on {m}\n" for c, m in commands))
     return out
+
+
+# fp32 (d_out, d_in) buffers a metric holds at its peak, in units of its scores (GraSP: E[g] and H·E[g])
+SCORE_BUFFERS = {"grasp": 2}
+
+
+def salience_report(rows: list[dict], fits: dict) -> str:
+    """Each salience metric's extrapolated peak against the SPEFT training peak of the same shape and precision.
+
+    ``method.salience_offload=true`` keeps the fp32 score buffers on the host, so on a GPU the device's
+    peak is the measured peak less those buffers (their exact bytes, fitted over depth like the peaks).
+    """
+    lines = []
+    for (model, prec, variant, _), f in fits.items():
+        train = fits.get((model, prec, "speft_sampled", "none"), {}).get("mem_TTL_mb")
+        if not variant.startswith(SALIENCE) or train is None:
+            continue
+        metric = variant.removeprefix(SALIENCE)
+        got = [r for r in rows if same(r, model=model, precision=prec, variant=variant)]
+        buffers = fit([r["layers"] for r in got], [SCORE_BUFFERS.get(metric, 1) * r["scores_mb"] / 1024 for r in got],
+                      FULL_DEPTH[model])["extrapolated"]
+        peak, limit = f["mem_TTL_mb"]["extrapolated"], train["extrapolated"]
+        lines.append(f"| {model} | {prec} | {metric} | {peak:.2f} | {peak / limit:.2f} | {buffers:.2f} "
+                     f"| {peak - buffers:.2f} | {(peak - buffers) / limit:.2f} | {limit:.2f} |")
+    if not lines:
+        return ""
+    return ("\nSalience peaks against the SPEFT training peak (speft_sampled, mem_TTL), both **extrapolated** to 32 "
+            "blocks; *without buffers*: the peak less the fp32 score buffers (GraSP: E[g] and H·E[g]), which "
+            "`method.salience_offload=true` keeps on the host, i.e. the device's peak on a GPU:\n\n"
+            "| model | precision | metric | peak GB | × SPEFT training | score buffers GB | peak without buffers GB "
+            "| × SPEFT training | SPEFT training peak GB |\n|---|---|---|---:|---:|---:|---:|---:|---:|\n"
+            + "\n".join(lines) + "\n")
 
 
 def main() -> None:
@@ -256,41 +347,58 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(FULL_DEPTH), choices=list(FULL_DEPTH))
     parser.add_argument("--layers", type=int, nargs="+", default=[1, 2, 4], help="depths N (model.num_layers)")
     parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "bf16", "bf16-mixed"])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--ablate", nargs="+", default=["none"], choices=["none", "no_cache", "sgd"],
+                        help="switch one thing off: the key/value cache, or AdamW's state (plain SGD)")
+    parser.add_argument("--salience", nargs="*", default=[], metavar="METRIC",
+                        help="also the peak of these SPEFT salience metrics on the same batch")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--steps", type=int, default=1, help="timed steps after one warm-up step")
+    parser.add_argument("--steps", type=int, default=1,
+                        help="timed steps after a warm-up step (0: memory only, over 2 untimed steps)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=OUT / "paper_shape.json",
-                        help="JSON; the table goes beside it (.md)")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)  # model,layers,precision,variant: one configuration
+                        help="JSON, appended to and resumed from; the table goes beside it (.md)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # one configuration: its KEY, comma-separated
     args = parser.parse_args()
-    args.argv = [a for a in sys.argv[1:] if not a.startswith("--worker")]
+    argv = [a for a in sys.argv[1:] if not a.startswith("--worker")]
     if args.worker:
-        args.model, layers, args.precision, args.variant = args.worker.split(",")
+        args.model, args.precision, layers, args.variant, args.ablate = args.worker.split(",")  # KEY order
         args.layers = int(layers)
         print(json.dumps(worker(args)))
         return
-    rows = []
-    for model in args.models:
-        for prec in args.precisions:
-            for layers in args.layers:
-                for variant in args.variants:
-                    key = {"model": model, "precision": prec, "layers": layers, "variant": variant}
-                    cli = [*args.argv, "--worker", f"{model},{layers},{prec},{variant}"]
-                    try:
-                        rows.append(key | run_one(cli))
-                    except RuntimeError as err:  # e.g. out of memory: the row says so, the others still run
-                        rows.append(key | {"error": str(err).strip().splitlines()[-1][:120]})
-                    print(json.dumps(rows[-1]), flush=True)
-                    args.out.parent.mkdir(parents=True, exist_ok=True)
-                    data = {"machine": machine(),
-                            "command": "python scripts/bench_paper_shape.py " + " ".join(args.argv),
-                            "rows": rows}
-                    args.out.write_text(json.dumps(data, indent=2))  # after every row: a killed bench keeps its rows
-                    args.out.with_suffix(".md").write_text(report(rows, args))
-    print(report(rows, args))
+    if args.salience:
+        from speft_bench.salience import SALIENCE_METRICS
+
+        unknown = [m for m in args.salience if m not in SALIENCE_METRICS]
+        if unknown:
+            parser.error(f"--salience: {', '.join(unknown)} not known; allowed: {', '.join(SALIENCE_METRICS.names())}")
+    rows = json.loads(args.out.read_text())["rows"] if args.out.exists() else []
+    command = "python scripts/bench_paper_shape.py " + " ".join(argv)
+    jobs = [(model, prec, layers, variant, ablate) for model in args.models for prec in args.precisions
+            for layers in args.layers
+            for variant, ablate in [(v, a) for v in args.variants for a in args.ablate]
+            + [(SALIENCE + m, "none") for m in args.salience]]
+    for job in tqdm(jobs, desc="configurations", unit="run"):
+        key = dict(zip(KEY, job))
+        if any(all(r.get(k, "none") == v for k, v in key.items()) for r in rows):
+            continue  # measured by an earlier command into this file
+        cli = [*argv, "--worker", ",".join(map(str, job))]
+        try:
+            row = run_one(cli)
+        except RuntimeError as err:  # e.g. out of memory: the row says so, the others still run
+            row = {"error": str(err)[:120]}
+        rows.append(key | row | {"command": command, "machine": machine(), "threads": args.threads,
+                                 "steps": args.steps, "batch": f"{args.batch_size}x{args.seq_len}"})
+        tqdm.write(json.dumps(rows[-1]))
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        # after every row, atomically: a killed bench keeps what it measured
+        tmp = args.out.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"rows": rows}, indent=2))
+        tmp.replace(args.out)
+        args.out.with_suffix(".md").write_text(report(rows))
+    print(report(rows))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@
   global ranking) — where each metric puts its trainable entries;
 * salience_histograms.png: log10 |score| per metric over all target weights;
 * mask_jaccard.png: Jaccard overlap between the masks of different metrics;
-* bench_<name>.png: step time and training memory per method, from `scripts/bench.py steps`;
+* bench_<name>.png: step time and training memory per method, from `scripts/bench.py steps`, or (paper shapes,
+  `scripts/bench_paper_shape.py`) the measured memory parts and the 32-block extrapolation beside SPSFT Table 7;
 * table_<name>.png: each table `make tables` built (results/tables/<name>.csv): our score per method and
   task as bars (± std over seeds), the paper's published value as a black tick where there is one.
 A figure whose input does not exist yet is skipped with a note (run `make bench` first).
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -28,6 +30,7 @@ import pandas as pd  # noqa: E402
 from speft_bench import claims  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))  # bench_paper_shape's fit, for its figure
 
 
 def short(layer: str) -> str:
@@ -98,24 +101,42 @@ def bench_figure(name: str, data: dict, out: Path) -> None:
 
 
 def paper_shape_figure(name: str, data: dict, out: Path) -> None:
-    """Training memory (mem_TTL − mem_M) per method and depth, split into the tensors it holds."""
-    rows = [r for r in data["rows"] if "error" not in r]
-    labels = [f"{r['model']} {r['precision']} N={r['layers']}: {r['variant']}" for r in rows]
-    parts = {"saved activations": "saved_activations_mb", "gradients": "gradients_mb",
-             "AdamW state": "optimizer_state_mb"}
-    fig, ax = plt.subplots(figsize=(10, 0.35 * len(rows) + 2))
-    y, left = np.arange(len(rows)), np.zeros(len(rows))
-    for label, key in parts.items():
-        widths = np.array([r[key] / 1024 for r in rows])
-        ax.barh(y, widths, left=left, label=label)
-        left += widths
-    ax.scatter([r["mem_mb"] / 1024 for r in rows], y, marker="|", color="black", s=150, zorder=3,
-               label="mem = mem_TTL − mem_M (measured peak)")
-    ax.set_yticks(y, labels, fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xlabel("GB")
-    ax.legend(fontsize=7)
-    ax.set_title(f"{name}: {data['machine']}", fontsize=9)
+    """Left: training memory (mem_TTL − mem_M) of each fp32 method at its deepest measured N, split into the
+    tensors it holds; right: mem extrapolated to 32 blocks (the bench's a + b·N fit) beside SPSFT Table 7's."""
+    import bench_paper_shape as bench  # scripts/: the fit and the paper's cells, as in its report
+
+    rows = [r for r in data["rows"] if "error" not in r and r["mem_mb"] is not None  # salience rows: a peak only
+            and r["precision"] == "fp32" and r.get("ablate", "none") == "none"]
+    deepest = {}
+    for r in rows:
+        key = (r["model"], r["variant"])
+        if r["layers"] >= deepest.get(key, r)["layers"]:
+            deepest[key] = r
+    keys = sorted(deepest)
+    labels = [f"{model}: {variant}" for model, variant in keys]
+    fits = bench.depth_fits(rows)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 0.3 * len(keys) + 2), sharey=True)
+    y, start = np.arange(len(keys)), np.zeros(len(keys))
+    for label, key in {"saved activations": "saved_activations_mb", "gradients": "gradients_mb",
+                       "optimizer state": "optimizer_state_mb"}.items():
+        widths = np.array([deepest[k][key] / 1024 for k in keys])
+        left.barh(y, widths, left=start, label=label)
+        start += widths
+    left.scatter([deepest[k]["mem_mb"] / 1024 for k in keys], y, marker="|", color="black", s=150, zorder=3,
+                 label="mem = mem_TTL − mem_M (measured peak)")
+    left.set_yticks(y, [f"{lab} (N={deepest[k]['layers']})" for lab, k in zip(labels, keys)], fontsize=7)
+    left.set_xlabel("GB at the deepest N measured")
+    left.legend(fontsize=7, loc="lower right")
+    right.barh(y, [fits[(m, "fp32", v, "none")]["mem_mb"]["extrapolated"] for m, v in keys], color="grey",
+               label="ours, extrapolated to 32 blocks")
+    paper = [bench.paper_value(m, v, "mem") for m, v in keys]
+    right.scatter([float(p.lstrip(">")) if p != "—" else np.nan for p in paper], y, marker="|", color="red", s=150,
+                  zorder=3, label="SPSFT Table 7 (its batch; '>' cells at their bound)")
+    right.set_xlabel("mem GB at 32 blocks (fp32)")
+    right.legend(fontsize=7, loc="lower right")
+    left.invert_yaxis()
+    machines = "; ".join(dict.fromkeys(r["machine"] for r in rows))
+    fig.suptitle(f"{name}: fp32, batch {rows[0]['batch']} ({machines})", fontsize=9)
     save(fig, out / f"bench_{name}.png")
 
 

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The CPU paper-shape measurements of BENCHMARKS.md (issue 14), resumable: every command appends its rows
+# to results/bench/paper_shape_cpu.json and skips the rows already there.  The bf16 timings need the
+# machine to themselves (stop any sweep); the rest is memory only (--steps 0), unaffected by load.
+# Most decisive first: where LoRA's memory goes, Table 7's other rows, then the methods the paper lacks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+BENCH="$PY scripts/bench_paper_shape.py --out results/bench/paper_shape_cpu.json --threads 2"
+# SPSFT Table 7 at the Llama2-7B shape, fp32: floor, LoRA (dropout 0 and the paper's 0.1) and SPSFT
+$BENCH --models llama2_7b --layers 1 2 4 --variants floor lora lora_dropout0.1 spsft --steps 1
+# SPEFT vs LoRA r=64 at the Llama3-8B shape in bf16 (the SPEFT paper's setting), and each salience metric's peak
+$BENCH --models llama3_8b --precisions bf16 --layers 1 2 --variants floor lora speft_sampled speft_dense \
+  --salience magnitude gradient fisher grasp synflow --steps 3
+$BENCH --models llama3_8b --precisions bf16 --layers 4 --variants floor lora speft_sampled speft_dense \
+  --salience magnitude gradient fisher synflow --steps 3
+# where LoRA's memory goes: no key/value cache, no optimizer state (plain SGD)
+$BENCH --models llama2_7b --layers 1 2 --variants lora lora_dropout0.1 spsft --ablate no_cache sgd --steps 0
+# the rest of Table 7: DoRA and the FA (MLP-only) rows, then its Llama3-8B column
+$BENCH --models llama2_7b --layers 1 2 4 --variants dora fa_lora fa_spsft --steps 0
+$BENCH --models llama3_8b --layers 1 2 --variants floor lora lora_dropout0.1 dora spsft fa_lora fa_spsft --steps 0
+# the methods Table 7 lacks
+$BENCH --models llama2_7b --layers 1 2 --variants pissa speft_sampled speft_dense supertuning shira full --steps 0
+# GraSP at 4 blocks needs more than this machine's 24 GiB (its row says so)
+$BENCH --models llama3_8b --precisions bf16 --layers 4 --variants --salience grasp --steps 3

@@ -1,0 +1,63 @@
+"""scripts/bench_paper_shape.py's arithmetic: the depth fit, its extrapolation and the report's ratios, on
+rows made up for the purpose (the measurements themselves are a benchmark, not a test)."""
+
+import importlib.util
+
+import pytest
+
+from tests.helpers import ROOT
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_paper_shape", ROOT / "scripts" / "bench_paper_shape.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fit_recovers_a_line_and_shows_the_residuals(bench):
+    line = bench.fit([1, 2, 4], [3.0 + 0.5 * n for n in (1, 2, 4)], full=32)
+    assert line["a"] == pytest.approx(3.0) and line["b"] == pytest.approx(0.5)
+    assert line["extrapolated"] == pytest.approx(19.0) and max(map(abs, line["residuals"])) < 1e-12
+    bent = bench.fit([1, 2, 4], [1.0, 2.0, 5.0], full=32)  # not a line: least squares leaves residuals
+    assert sum(bent["residuals"]) == pytest.approx(0.0, abs=1e-12) and max(map(abs, bent["residuals"])) > 0.1
+
+
+def row(variant, layers, mem_mb, ablate="none", step_s=1.0):
+    return {"model": "llama2_7b", "precision": "fp32", "layers": layers, "variant": variant, "ablate": ablate,
+            "trainable": 1, "mem_M_mb": 1024.0 * layers, "mem_TTL_mb": 1024.0 * layers + mem_mb, "mem_mb": mem_mb,
+            "step_s": step_s, "command": "python scripts/bench_paper_shape.py", "machine": "test"}
+
+
+def test_report_extrapolates_each_variant_and_takes_ratios_within_an_ablation(bench):
+    rows = [row("lora", n, 1024.0 * n) for n in (1, 2)] + [row("spsft", n, 512.0 * n, step_s=0.5) for n in (1, 2)]
+    rows += [row("lora", n, 2048.0 * n, ablate="sgd") for n in (1, 2)]
+    rows += [row("spsft", n, 512.0 * n, ablate="sgd") for n in (1, 2)]
+    text = bench.report(rows)
+    # measured rows: SPSFT at N = 2 has half LoRA's mem and half its step time
+    assert "| llama2_7b | fp32 | spsft | none | 2 | 1 | 0.50 | 0.50 | 2.00 | 3.00 | 1.00 | 0.50 |" in text
+    # extrapolated to 32 blocks: mem 32 GB (LoRA) and 16 GB (SPSFT, × LoRA 0.50); with SGD against SGD's LoRA, 0.25
+    assert "| llama2_7b | fp32 | lora | none | 1, 2 | 32.00 | 64.00 (2.000) | 32.00 (+0.000, +0.000) | 1.00 |" in text
+    assert "| llama2_7b | fp32 | spsft | none | 1, 2 | 32.00 | 48.00 (1.500) | 16.00 (+0.000, +0.000) | 0.50 |" in text
+    assert "| llama2_7b | fp32 | spsft | sgd | 1, 2 | 32.00 | 48.00 (1.500) | 16.00 (+0.000, +0.000) | 0.25 |" in text
+
+
+def test_salience_peaks_are_set_against_the_speft_training_peak_with_and_without_the_score_buffers(bench):
+    def salience(metric, layers):  # peak: 1 GB of model per block plus the score buffers (0.5 GB per buffer)
+        buffers = bench.SCORE_BUFFERS.get(metric, 1)
+        return row(f"salience:{metric}", layers, 0.0) | {"mem_TTL_mb": 1024.0 * layers * (1 + 0.5 * buffers),
+                                                          "mem_mb": None, "scores_mb": 512.0 * layers}
+    rows = [row("speft_sampled", n, 1024.0 * n) for n in (1, 2)]  # mem_TTL 2 GB per block: 64 GB at 32
+    rows += [salience(m, n) for m in ("gradient", "grasp") for n in (1, 2)]
+    text = bench.report(rows)
+    # gradient: 48 GB = 0.75 × 64, 16 GB of buffers; GraSP holds two buffers: 64 GB, 32 GB of them
+    assert "| llama2_7b | fp32 | gradient | 48.00 | 0.75 | 16.00 | 32.00 | 0.50 | 64.00 |" in text
+    assert "| llama2_7b | fp32 | grasp | 64.00 | 1.00 | 32.00 | 32.00 | 0.50 | 64.00 |" in text
+
+
+def test_a_failed_configuration_is_a_row_that_says_why(bench):
+    text = bench.report([row("lora", 1, 1024.0), {"model": "llama2_7b", "precision": "fp32", "layers": 1,
+                                                  "variant": "shira", "ablate": "none",
+                                                  "error": "killed by signal 9 (out of memory)"}])
+    assert "| llama2_7b | fp32 | shira | none | 1 | error: killed by signal 9 (out of memory) |" in text
