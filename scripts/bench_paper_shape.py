@@ -202,7 +202,7 @@ def salience_peak(model, model_spec, batch, metric: str, device) -> dict:
 
 
 def run_one(cli: list[str]) -> dict:
-    """One configuration in a fresh process (its own peak memory); RuntimeError with its stderr's end if it fails."""
+    """One configuration in a fresh process (its own peak memory); RuntimeError saying why if it fails."""
     done = subprocess.run([sys.executable, __file__, *cli], capture_output=True, text=True, env=os.environ | MMAP)
     if done.returncode < 0:  # SIGKILL here is the kernel's out-of-memory killer
         oom = " (out of memory)" if done.returncode == -9 else ""

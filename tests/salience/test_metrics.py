@@ -177,8 +177,13 @@ OLD_DIGESTS = {
 }
 # SNIP and Taylor-FO rank by E[g] ⊙ θ, whose float32 product rounds differently on another CPU (same torch,
 # same wheels: the old code at d0663b1 gives the second digest on the 2026-12-02 machine, with no tie at the
-# k-th score), which swaps entries next to the threshold; the mask is that CPU's, not another mask.
-OTHER_CPU_DIGESTS = {"snip": {"65258d04ba23aa8c"}, "taylor_fo": {"65258d04ba23aa8c"}}
+# k-th score), which swaps entries next to the threshold; the mask is that CPU's, not another mask. The third
+# set is an Intel Xeon's (2026-12-02): there the landed commit 0372e09, whose salience code is this one, gives
+# them twice over, for the gradient-based metrics too (its float32 kernels sum in another order).
+OTHER_CPU_DIGESTS = {
+    "snip": {"65258d04ba23aa8c", "c72b3384fb3c5d45"}, "taylor_fo": {"65258d04ba23aa8c", "c72b3384fb3c5d45"},
+    "fisher": {"e2a4c1430e6d96ea"}, "gradient": {"847252745fb9d4e6"}, "grasp": {"92bf1846433fe922"},
+}
 
 
 @pytest.fixture(scope="module")
