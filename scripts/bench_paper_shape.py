@@ -254,7 +254,7 @@ def depth_fits(rows: list[dict]) -> dict:
                      key=lambda r: r["layers"])
         if len({r["layers"] for r in got}) >= 2:
             fits[key] = {m: fit([r["layers"] for r in got], [r[m] / 1024 for r in got], FULL_DEPTH[key[0]])
-                         for m in ("mem_M_mb", "mem_TTL_mb", "mem_mb") if got[0][m] is not None}
+                         for m in ("mem_M_mb", "mem_TTL_mb", "mem_mb", "scores_mb") if got[0].get(m) is not None}
             fits[key]["depths"] = [r["layers"] for r in got]
     return fits
 
@@ -303,7 +303,7 @@ def report(rows: list[dict]) -> str:
             out += (f"| {model} | {prec} | {variant} | {ablate} | {', '.join(map(str, f['depths']))} "
                     f"| {f['mem_M_mb']['extrapolated']:.2f} | {ttl} | {f['mem_mb']['extrapolated']:.2f} ({res}) "
                     f"| {ratios[0]} | {ratios[1]} | {paper[0]} | {paper[1]} |\n")
-    out += salience_report(rows, fits)
+    out += salience_report(fits)
     commands = dict.fromkeys((r["command"], r["machine"]) for r in rows if "command" in r)
     out += ("\nCommands (each row records its own; memory: peak RSS (VmHWM, MALLOC_MMAP_THRESHOLD_=131072) on CPU, "
             "max_memory_allocated on CUDA):\n\n" + "".join(f"- `{c}` on {m}\n" for c, m in commands))
@@ -314,7 +314,7 @@ def report(rows: list[dict]) -> str:
 SCORE_BUFFERS = {"grasp": 2}
 
 
-def salience_report(rows: list[dict], fits: dict) -> str:
+def salience_report(fits: dict) -> str:
     """Each salience metric's extrapolated peak against the SPEFT training peak of the same shape and precision.
 
     ``method.salience_offload=true`` keeps the fp32 score buffers on the host, so on a GPU the device's
@@ -326,9 +326,7 @@ def salience_report(rows: list[dict], fits: dict) -> str:
         if not variant.startswith(SALIENCE) or train is None:
             continue
         metric = variant.removeprefix(SALIENCE)
-        got = [r for r in rows if same(r, model=model, precision=prec, variant=variant)]
-        buffers = fit([r["layers"] for r in got], [SCORE_BUFFERS.get(metric, 1) * r["scores_mb"] / 1024 for r in got],
-                      FULL_DEPTH[model])["extrapolated"]
+        buffers = SCORE_BUFFERS.get(metric, 1) * f["scores_mb"]["extrapolated"]
         peak, limit = f["mem_TTL_mb"]["extrapolated"], train["extrapolated"]
         lines.append(f"| {model} | {prec} | {metric} | {peak:.2f} | {peak / limit:.2f} | {buffers:.2f} "
                      f"| {peak - buffers:.2f} | {(peak - buffers) / limit:.2f} | {limit:.2f} |")

@@ -127,8 +127,9 @@ def paper_shape_figure(name: str, data: dict, out: Path) -> None:
     left.set_yticks(y, [f"{lab} (N={deepest[k]['layers']})" for lab, k in zip(labels, keys)], fontsize=7)
     left.set_xlabel("GB at the deepest N measured")
     left.legend(fontsize=7, loc="lower right")
-    right.barh(y, [fits[(m, "fp32", v, "none")]["mem_mb"]["extrapolated"] for m, v in keys], color="grey",
-               label="ours, extrapolated to 32 blocks")
+    extrapolated = [fits.get((m, "fp32", v, "none"), {}).get("mem_mb", {}).get("extrapolated", np.nan)
+                    for m, v in keys]  # NaN, no bar: a variant measured at one depth so far
+    right.barh(y, extrapolated, color="grey", label="ours, extrapolated to 32 blocks")
     paper = [bench.paper_value(m, v, "mem") for m, v in keys]
     right.scatter([float(p.lstrip(">")) if p != "—" else np.nan for p in paper], y, marker="|", color="red", s=150,
                   zorder=3, label="SPSFT Table 7 (its batch; '>' cells at their bound)")
