@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The prepared GPU check (< 9 min on one CUDA GPU): the tests marked `gpu`, then the paper-shape
-# bench if present; JSON/XML/logs into $OUT (the device tool's folder) or the folder given as $1.
+# bench; JSON/XML/logs into $OUT (the device tool's folder) or the folder given as $1.
 # The GPU machine has torch, transformers, peft, accelerate and pandas but no network and no hydra,
 # omegaconf or pytest: `make wheelhouse` here, carry wheelhouse/ with the tree, and this script
 # installs it with `pip install --no-index`.
@@ -21,14 +21,22 @@ PY
 timeout 300 python -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py --junitxml="$OUT/gpu_tests.xml" \
   > "$OUT/gpu_tests.log" 2>&1
 tests_rc=$?
-bench_rc=skipped
-if [ -f scripts/bench_paper_shape.py ]; then
-  timeout $((520 - ($(date +%s) - start))) python scripts/bench_paper_shape.py --layers 32 --precisions fp32 bf16 \
-    --variants floor lora lora_dropout0.1 speft_sampled speft_dense spsft fa_spsft --steps 2 --device cuda \
-    --out "$OUT/paper_shape.json" \
-    > "$OUT/paper_shape.log" 2>&1
-  bench_rc=$?
-fi
+# The paper-shape bench at full depth, most decisive first (issue 14): SPSFT Table 7's Llama2-7B column
+# (fp32); SPEFT vs LoRA r=64 and each salience metric's peak at the Llama3-8B shape in bf16 (the SPEFT
+# paper's setting); Table 7's Llama3-8B column. Each command resumes the same JSON, which gets every row as
+# it finishes, and has what is left of the script's 520 s.
+bench() {
+  local left=$((520 - ($(date +%s) - start)))
+  [ "$left" -gt 30 ] || return 124
+  timeout "$left" python scripts/bench_paper_shape.py --layers 32 --steps 2 --device cuda \
+    --out "$OUT/paper_shape.json" "$@" >> "$OUT/paper_shape.log" 2>&1
+}
+bench_rc=0
+TABLE7="floor lora lora_dropout0.1 spsft fa_lora fa_spsft dora"
+bench --models llama2_7b --precisions fp32 --variants $TABLE7 || bench_rc=$?
+bench --models llama3_8b --precisions bf16 --variants floor lora speft_sampled speft_dense \
+  --salience magnitude gradient fisher synflow grasp || bench_rc=$?
+bench --models llama3_8b --precisions fp32 --variants $TABLE7 || bench_rc=$?
 printf '{"tests_rc": %s, "bench_rc": "%s", "wall_s": %s}\n' "$tests_rc" "$bench_rc" "$(( $(date +%s) - start ))" \
   | tee "$OUT/summary.json"
 tail -3 "$OUT/gpu_tests.log"
