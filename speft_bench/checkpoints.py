@@ -1,7 +1,7 @@
 """Checkpoints inside a run: a run stopped by a time limit, a preemption or ``scancel`` continues where it was.
 
-Every ``train.checkpoint_every`` optimizer steps (and after the last one), and when SIGTERM, SIGUSR1 or
-SIGUSR2 arrives during training, the loop finishes the optimizer step it is in and writes
+Every ``train.checkpoint_every`` optimizer steps (and after the last one), and when SIGTERM, SIGUSR1,
+SIGUSR2 or SIGINT (Ctrl-C) arrives during training, the loop finishes the optimizer step it is in and writes
 ``<run_dir>/checkpoint.pt`` (a temp file renamed over it: a kill leaves the previous checkpoint or the
 new one, whole).  A checkpoint holds what decides the rest of the run, so a resumed run's loss curve
 and metrics are bit-identical to an uninterrupted run's (on CPU; ``tests/test_checkpoints.py``):
@@ -50,8 +50,9 @@ log = logging.getLogger(__name__)
 CHECKPOINT_NAME = "checkpoint.pt"  # git-ignored (*.pt)
 FORMAT = "speft-bench-checkpoint/1"
 # SLURM sends SIGTERM on scancel and at the time limit, a --signal=USR1@T warning before it; submitit's
-# preemption/time-limit signal is USR2 (SUBMITIT_PREEMPT_SIGNAL).
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+# preemption/time-limit signal is USR2 (SUBMITIT_PREEMPT_SIGNAL). Ctrl-C stops a run the same way; a second
+# Ctrl-C stops it at once (StopSignals._note).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
 
 
 class CheckpointError(ConfigError):
@@ -146,6 +147,8 @@ class StopSignals:
     def _note(self, signum: int, frame) -> None:
         if self.received is None:
             self.received = signum
+        elif signum == signal.SIGINT:  # Ctrl-C again: the user will not wait for the step (periodic checkpoints stay)
+            raise KeyboardInterrupt
 
     def __enter__(self) -> Self:
         if threading.current_thread() is threading.main_thread():
@@ -161,8 +164,9 @@ class StopSignals:
         return None if self.received is None else signal.Signals(self.received).name
 
     def pass_on(self) -> None:
-        """Deliver the noted signal as if the run had not caught it: to the handler it displaced, or by the
-        default action (these signals end the process: exit status 128 + signal number)."""
+        """Deliver the noted signal as if the run had not caught it: to the handler it displaced (SIGINT's
+        default raises KeyboardInterrupt), or by the default action (the others end the process: exit status
+        128 + signal number)."""
         if self.received is None:
             return
         handler = self.previous.get(self.received, signal.SIG_DFL)

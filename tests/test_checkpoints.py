@@ -154,6 +154,20 @@ def test_lora_stopped_then_killed_resumes_from_the_latest_checkpoint(tmp_path, m
     assert not list(tmp_path.rglob("checkpoint.pt")) and not list(tmp_path.rglob("*.tmp"))
 
 
+def test_ctrl_c_stops_after_the_step_with_a_checkpoint_and_twice_stops_at_once(tmp_path, monkeypatch, passed_on):
+    lora = ("method=lora", *TINY)
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        stop_at(patch, 2, lambda: [os.kill(os.getpid(), signal.SIGINT) for _ in range(2)])
+        resumable(tmp_path, "twice", *lora)
+    assert not list(tmp_path.rglob("record.json")) and not list(tmp_path.rglob("checkpoint.pt"))
+    with monkeypatch.context() as patch:
+        stop_at(patch, 2, send(signal.SIGINT))
+        stopped = resumable(tmp_path, "once", *lora)
+    assert_interrupted(stopped, 2, signal.SIGINT)
+    assert passed_on == [signal.SIGINT]  # Python's own handler then raises KeyboardInterrupt
+    assert checkpoints.latest(tmp_path, stopped["config_hash"]) == tmp_path / "runs/once/checkpoint.pt"
+
+
 def test_checkpoint_every_must_be_positive():
     from speft_bench.config import validate
     from speft_bench.errors import ConfigError
