@@ -188,17 +188,22 @@ def worker(args) -> dict:
 
 
 def salience_peak(model, model_spec, batch, metric: str, device) -> dict:
-    """mem_TTL of a salience row: the peak over one pass of ``metric`` on ``batch`` (targets: all seven linears)."""
+    """mem_TTL of a salience row: the peak over one pass of ``metric`` on ``batch`` (targets: all seven linears).
+
+    On CUDA the fp32 score buffers are kept on the host (``method.salience_offload=true``, what a GPU run sets
+    for a 7–8B model), so the peak is the device's; on the CPU they are part of the peak either way."""
     from speft_bench.models import targets_for
     from speft_bench.salience.base import compute_salience
     from speft_bench.schemas import TargetScope
 
     weights = {n: m.weight for n, m in targets_for(model, model_spec, TargetScope.all).items()}
+    offload = device.type == "cuda"
     start = time.perf_counter()
-    scores = compute_salience(metric, model.eval(), weights, [batch], calibration_micro_batch=1)
+    scores = compute_salience(metric, model.eval(), weights, [batch], calibration_micro_batch=1, offload=offload)
     mem_ttl = peak_mb(device)
     return {"mem_TTL_mb": mem_ttl, "mem_mb": None, "step_s": round(time.perf_counter() - start, 1),
-            "scores_mb": sum(t.numel() * t.element_size() for t in scores.values()) / 2**20}
+            "scores_mb": sum(t.numel() * t.element_size() for t in scores.values()) / 2**20,
+            "salience_offload": offload}
 
 
 def run_one(cli: list[str]) -> dict:
@@ -303,41 +308,87 @@ def report(rows: list[dict]) -> str:
             out += (f"| {model} | {prec} | {variant} | {ablate} | {', '.join(map(str, f['depths']))} "
                     f"| {f['mem_M_mb']['extrapolated']:.2f} | {ttl} | {f['mem_mb']['extrapolated']:.2f} ({res}) "
                     f"| {ratios[0]} | {ratios[1]} | {paper[0]} | {paper[1]} |\n")
-    out += salience_report(fits)
+    out += full_depth_report(rows) + salience_report(rows, fits)
     commands = dict.fromkeys((r["command"], r["machine"]) for r in rows if "command" in r)
     out += ("\nCommands (each row records its own; memory: peak RSS (VmHWM, MALLOC_MMAP_THRESHOLD_=131072) on CPU, "
             "max_memory_allocated on CUDA):\n\n" + "".join(f"- `{c}` on {m}\n" for c, m in commands))
     return out
 
 
+def full_depth_report(rows: list[dict]) -> str:
+    """The rows measured at the model's full depth (a GPU node) beside SPSFT Table 7: no extrapolation."""
+    lines = []
+    for r in rows:
+        if "error" in r or r["layers"] != FULL_DEPTH[r["model"]] or r["mem_mb"] is None:
+            continue
+        ablate, ratios = r.get("ablate", "none"), []
+        for ref in ("lora", "lora_dropout0.1"):
+            other = next((x for x in rows if same(x, model=r["model"], precision=r["precision"], layers=r["layers"],
+                                                  variant=ref, ablate=ablate)), None)
+            ratios.append(f"{r['mem_mb'] / other['mem_mb']:.2f}" if other else "—")
+        paper = ("—", "—") if ablate != "none" else (paper_value(r["model"], r["variant"], "mem_TTL"),
+                                                    paper_value(r["model"], r["variant"], "mem"))
+        lines.append(f"| {r['model']} | {r['precision']} | {r['variant']} | {ablate} | {gb(r['mem_M_mb'])} "
+                     f"| {gb(r['mem_TTL_mb'])} | {gb(r['mem_mb'])} | {' | '.join(ratios)} | {' | '.join(paper)} |")
+    if not lines:
+        return ""
+    return ("\n**Measured at the full depth** (32 blocks), beside SPSFT Table 7 (fp32, its batch); × LoRA and "
+            "× paper LoRA as above:\n\n| model | precision | method | ablation | mem_M GB | mem_TTL GB | mem GB "
+            "| × LoRA | × paper LoRA | paper mem_TTL | paper mem |\n"
+            "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n"
+            + "\n".join(lines) + "\n")
+
+
 # fp32 (d_out, d_in) buffers a metric holds at its peak, in units of its scores (GraSP: E[g] and H·E[g])
 SCORE_BUFFERS = {"grasp": 2}
 
 
-def salience_report(fits: dict) -> str:
-    """Each salience metric's extrapolated peak against the SPEFT training peak of the same shape and precision.
+def at_full_depth(rows: list[dict], fits: dict, key: tuple, field: str) -> tuple[float, str] | None:
+    """``field`` (GB) of the (model, precision, variant, ablation) ``key`` at the model's full depth: measured
+    there, else extrapolated over the depths measured; None when neither."""
+    model, prec, variant, ablate = key
+    full = next((r for r in rows if same(r, model=model, precision=prec, variant=variant, ablate=ablate,
+                                         layers=FULL_DEPTH[model])), None)
+    if full is not None:
+        return full[field] / 1024, "measured"
+    if field in fits.get(key, {}):
+        return fits[key][field]["extrapolated"], "extrapolated"
+    return None
 
-    ``method.salience_offload=true`` keeps the fp32 score buffers on the host, so on a GPU the device's
-    peak is the measured peak less those buffers (their exact bytes, fitted over depth like the peaks).
+
+def salience_report(rows: list[dict], fits: dict) -> str:
+    """Each salience metric's peak against the SPEFT training peak of the same shape and precision, at the full
+    depth (measured there, or both extrapolated).
+
+    ``method.salience_offload=true`` keeps the fp32 score buffers on the host, so the device's peak is the
+    peak less those buffers (their exact bytes, fitted over depth like the peaks). A row measured that way
+    (CUDA) gives the device's peak, and the peak with the buffers on the device is derived by adding them.
     """
     lines = []
-    for (model, prec, variant, _), f in fits.items():
-        train = fits.get((model, prec, "speft_sampled", "none"), {}).get("mem_TTL_mb")
-        if not variant.startswith(SALIENCE) or train is None:
+    for key in dict.fromkeys((r["model"], r["precision"], r["variant"], r.get("ablate", "none"))
+                             for r in rows if "error" not in r and r["variant"].startswith(SALIENCE)):
+        model, prec, variant, _ = key
+        train = at_full_depth(rows, fits, (model, prec, "speft_sampled", "none"), "mem_TTL_mb")
+        peak = at_full_depth(rows, fits, key, "mem_TTL_mb")
+        if train is None or peak is None:
             continue
         metric = variant.removeprefix(SALIENCE)
-        buffers = SCORE_BUFFERS.get(metric, 1) * f["scores_mb"]["extrapolated"]
-        peak, limit = f["mem_TTL_mb"]["extrapolated"], train["extrapolated"]
-        lines.append(f"| {model} | {prec} | {metric} | {peak:.2f} | {peak / limit:.2f} | {buffers:.2f} "
-                     f"| {peak - buffers:.2f} | {(peak - buffers) / limit:.2f} | {limit:.2f} |")
+        offloaded = any(r.get("salience_offload") for r in rows if same(r, model=model, precision=prec,
+                                                                       variant=variant))
+        buffers = SCORE_BUFFERS.get(metric, 1) * at_full_depth(rows, fits, key, "scores_mb")[0]
+        with_buffers, without = (peak[0] + buffers, peak[0]) if offloaded else (peak[0], peak[0] - buffers)
+        how = f"{peak[1]}, {'buffers offloaded' if offloaded else 'buffers on the device'}"
+        lines.append(f"| {model} | {prec} | {metric} | {how} | {with_buffers:.2f} | {with_buffers / train[0]:.2f} "
+                     f"| {buffers:.2f} | {without:.2f} | {without / train[0]:.2f} | {train[0]:.2f} ({train[1]}) |")
     if not lines:
         return ""
-    return ("\nSalience peaks against the SPEFT training peak (speft_sampled, mem_TTL), both **extrapolated** to 32 "
-            "blocks; *without buffers*: the peak less the fp32 score buffers (GraSP: E[g] and H·E[g]), which "
-            "`method.salience_offload=true` keeps on the host, i.e. the device's peak on a GPU:\n\n"
-            "| model | precision | metric | peak GB | × SPEFT training | score buffers GB | peak without buffers GB "
-            "| × SPEFT training | SPEFT training peak GB |\n|---|---|---|---:|---:|---:|---:|---:|---:|\n"
-            + "\n".join(lines) + "\n")
+    return ("\nSalience peaks against the SPEFT training peak (speft_sampled, mem_TTL) at the full depth (32 blocks): "
+            "measured there, or both **extrapolated**. *Without buffers*: the peak with the fp32 score buffers "
+            "(GraSP: E[g] and H·E[g]) on the host, as `method.salience_offload=true` keeps them, i.e. the device's "
+            "peak on a GPU; the one of the two peaks that was not measured is derived from the buffers' bytes:\n\n"
+            "| model | precision | metric | peak | peak GB | × SPEFT training | score buffers GB "
+            "| peak without buffers GB | × SPEFT training | SPEFT training peak GB |\n"
+            "|---|---|---|---|---:|---:|---:|---:|---:|---:|\n" + "\n".join(lines) + "\n")
 
 
 def main() -> None:

@@ -52,8 +52,28 @@ def test_salience_peaks_are_set_against_the_speft_training_peak_with_and_without
     rows += [salience(m, n) for m in ("gradient", "grasp") for n in (1, 2)]
     text = bench.report(rows)
     # gradient: 48 GB = 0.75 × 64, 16 GB of buffers; GraSP holds two buffers: 64 GB, 32 GB of them
-    assert "| llama2_7b | fp32 | gradient | 48.00 | 0.75 | 16.00 | 32.00 | 0.50 | 64.00 |" in text
-    assert "| llama2_7b | fp32 | grasp | 64.00 | 1.00 | 32.00 | 32.00 | 0.50 | 64.00 |" in text
+    on_device = "| llama2_7b | fp32 | {} | extrapolated, buffers on the device | "
+    assert on_device.format("gradient") + "48.00 | 0.75 | 16.00 | 32.00 | 0.50 | 64.00 (extrapolated) |" in text
+    assert on_device.format("grasp") + "64.00 | 1.00 | 32.00 | 32.00 | 0.50 | 64.00 (extrapolated) |" in text
+
+
+def test_a_salience_peak_measured_at_full_depth_with_offloaded_buffers_adds_them_for_the_peak_with(bench):
+    """A GPU row: 32 blocks, buffers on the host (the device's peak), set against SPEFT measured at 32 blocks."""
+    rows = [row("speft_sampled", 32, 8 * 1024.0)]  # mem_TTL 40 GB
+    rows.append(row("salience:gradient", 32, 0.0) | {"mem_TTL_mb": 30 * 1024.0, "mem_mb": None,
+                                                       "scores_mb": 26 * 1024.0, "salience_offload": True})
+    text = bench.report(rows)
+    assert ("| llama2_7b | fp32 | gradient | measured, buffers offloaded | 56.00 | 1.40 | 26.00 | 30.00 | 0.75 "
+            "| 40.00 (measured) |") in text
+
+
+def test_rows_at_full_depth_are_set_beside_the_paper_without_extrapolation(bench):
+    rows = [row(v, 32, mem) for v, mem in (("lora_dropout0.1", 24 * 1024.0), ("lora", 16 * 1024.0),
+                                          ("spsft", 12 * 1024.0))]
+    text = bench.report(rows)
+    assert "Extrapolated" not in text  # one depth: nothing to fit
+    # the paper's Table 7 cells for Llama2-7B (results/paper/spsft_table7.csv): SPSFT 47.49 / 17.62
+    assert "| llama2_7b | fp32 | spsft | none | 32.00 | 44.00 | 12.00 | 0.75 | 0.50 | 47.49 | 17.62 |" in text
 
 
 def test_a_failed_configuration_is_a_row_that_says_why(bench):
