@@ -14,7 +14,8 @@ and metrics are bit-identical to an uninterrupted run's (on CPU; ``tests/test_ch
 * the data position: the shuffling generator's state when the epoch's iterator was made and the number
   of batches of that epoch already trained on;
 * the dynamic mask's refresh state (``on_step.state_dict()``: its current mask and the refreshes so far);
-* the loss curve so far and the logging window.
+* the loss curve so far and the logging window;
+* the training seconds spent so far, by every process of the run (a resumed record's ``time_s.train_before``).
 
 On a signal the run then stops: its record says ``status: interrupted`` with the step and the checkpoint,
 and the signal is handed to the handler it displaced (by default: the process ends with it; under
@@ -69,6 +70,9 @@ class Position:
     window: list[float] = field(default_factory=list)  # losses since the last loss-curve point
     epoch_start: torch.Tensor | None = None
     batches_done: int = 0
+    # training seconds spent reaching ``step``, over every process of the run; None: a checkpoint written
+    # before it was kept
+    train_s: float | None = 0.0
 
 
 # --------------------------------------------------------------------------- the model's part
@@ -243,7 +247,7 @@ class Checkpoints:
             "on_step": None if on_step is None else on_step.state_dict(), "rng": rng_state(),
             "data": {"epoch_start": position.epoch_start, "batches_done": position.batches_done,
                      "batches_per_epoch": batches_per_epoch},
-            "loss_curve": position.loss_curve, "window": position.window,
+            "loss_curve": position.loss_curve, "window": position.window, "train_s": position.train_s,
         })
         log.info("checkpoint at step %d: %s", position.step, self.path)
 
@@ -271,7 +275,7 @@ class Checkpoints:
             on_step.load_state_dict(state["on_step"])
         log.info("resuming at step %d of %d from %s", state["step"], total, where)
         position = Position(state["step"], list(state["loss_curve"]), list(state["window"]), data["epoch_start"],
-                            data["batches_done"])
+                            data["batches_done"], state.get("train_s"))
         return position, state["rng"]
 
     def remove_all(self, root: Path) -> None:

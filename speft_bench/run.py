@@ -143,8 +143,9 @@ def train(model, loader: DataLoader, spec: TrainSchema, on_step, logger: RunLogg
     scheduler = make_scheduler(optimizer, spec, total)
     resumed = checkpoints and checkpoints.resume(model, optimizer, scheduler, on_step, len(loader), total)
     at = resumed[0] if resumed else Position()  # step, loss curve, logging window, place in the data order
-    result = {"resumed_from": at.step, "resumed_checkpoint": str(checkpoints.resume_from)} if resumed else \
-        {"resumed_from": None}
+    result = {"resumed_from": at.step, "resumed_checkpoint": str(checkpoints.resume_from),
+              "train_s_before": at.train_s} if resumed else {"resumed_from": None}
+    before, started = at.train_s, time.perf_counter()
     model.train()
     with (checkpoints.signals if checkpoints else nullcontext(),  # stop signals: noted, acted on after the step
           progress(total=total, initial=at.step, desc="train") as bar):
@@ -180,6 +181,7 @@ def train(model, loader: DataLoader, spec: TrainSchema, on_step, logger: RunLogg
                     at.window = []
                 bar.update()
                 if checkpoints and checkpoints.due(at.step, total):
+                    at.train_s = None if before is None else before + time.perf_counter() - started
                     checkpoints.save(model, optimizer, scheduler, on_step, at, len(loader), total)
                     if checkpoints.stopped:  # the run ends here; a rerun of its config resumes
                         return result | {"steps": at.step, "epochs": at.step / len(loader), "loss_curve": at.loss_curve,
@@ -259,7 +261,10 @@ def run(cfg: DictConfig, run_dir: Path, command: str | None = None) -> dict[str,
         record |= {"status": "failed", "failure": {"reason": str(err), "tensor": err.tensor, "step": err.step}}
     finally:
         logger.finish()
-    record["time_s"] = dict(timer) | {"total": round(sum(timer.values()), 3)}
+    before = record.get("train", {}).pop("train_s_before", 0.0)  # resumed: the earlier processes' training
+    if before != 0.0:  # None: the checkpoint did not keep it, so the total is unknown
+        timer["train_before"] = None if before is None else round(before, 3)
+    record["time_s"] = dict(timer) | {"total": None if before is None else round(sum(timer.values()), 3)}
     record["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     record["device"] = device_record(device)
     record["environment"] = records.environment()

@@ -110,6 +110,10 @@ def test_static_speft_stopped_by_sigterm_resumes_bit_identically(tmp_path, monke
 
     resumed = resumable(tmp_path, "resumed", *SPEFT, *TINY)
     assert_same_result(resumed, reference, 5, checkpoint)
+    # the stopped process's training up to its checkpoint counts in the resumed record's time
+    times = resumed["time_s"]
+    assert 0 < times["train_before"] <= stopped["time_s"]["train"] and "train_before" not in reference["time_s"]
+    assert times["total"] == pytest.approx(sum(v for k, v in times.items() if k != "total"), abs=0.01)
     assert_same_adapter(resumed, reference)
     assert not list(tmp_path.rglob("checkpoint.pt"))  # a completed run deletes its config's checkpoints
 
