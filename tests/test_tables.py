@@ -125,6 +125,30 @@ def test_one_cell_never_pools_two_settings():
         build_table(SPEC, records, PAPER)
 
 
+def test_the_protocols_lr_runs_fill_the_lr_table_and_no_twin_cell():
+    """Runs of conf/experiment/sweeps/protocol/*_lr.yaml (made here from committed records, lr and score
+    changed) go to the lr table only: the twin tables' cells stay what the committed records give."""
+    committed = load_records(ROOT / "results" / "cpu")
+    paper, specs = load_paper(PAPER_DIR), {spec.name: spec for spec in load_specs(TABLES_CONF)}
+    lr_runs = []
+    for r in committed:
+        config = r["config"]
+        if (config["task"]["name"], config["train"]["seed"], config["train"]["lr"]) != ("mrpc", 0, 5e-4):
+            continue
+        if config["method"]["name"] == "lora" or (config["metric"]["name"] == "gradient"
+                                                  and config["masking"]["name"] == "static_global"):
+            lr_runs.append(json.loads(json.dumps(r)) | {"metrics": {"accuracy": 0.5, "f1": 0.5}})
+            lr_runs[-1]["config"]["train"]["lr"] = 2e-4
+    assert len(lr_runs) == 2
+    for name in ("speft_salience", "speft_masking", "spsft_glue"):
+        before, after = (build_table(specs[name], records, paper) for records in (committed, committed + lr_runs))
+        pd.testing.assert_frame_equal(before, after)
+    lr = build_table(specs["lr_sensitivity"], committed + lr_runs, paper).set_index(["row", "column"])
+    assert lr.loc[("LoRA, lr 2e-4", "MRPC"), "mean"] == lr.loc[("Gradient, lr 2e-4", "MRPC"), "mean"] == 50.0
+    assert lr.loc[("LoRA, lr 5e-5", "MRPC"), "status"] == "missing"
+    assert lr.loc[("LoRA, lr 5e-4", "MRPC"), "n"] >= 3  # the twin's seeds 0-2
+
+
 def write_toy_tables(tmp_path):
     """Records for SPEC (plus one truncated record.json) and the toy paper CSV -> tmp_path/tables."""
     for i, rec in enumerate(RECORDS):
