@@ -63,14 +63,18 @@ def find_completed(root: Path, config_hash: str) -> Path | None:
 
 
 def git_state(root: Path = PROJECT_ROOT) -> dict[str, Any]:
-    """The commit the code ran at, and whether tracked files differed from it."""
+    """The commit the code ran at, and the tracked files outside ``results/`` that differed from it.
+
+    ``results/`` is left out: a sweep or a bench writes there while runs go on (tables, bench JSON), which
+    says nothing about the code or configs a run used."""
 
     def git(*args: str) -> str:
         done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=True)
         return done.stdout.strip()
 
     try:
-        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+        changed = git("diff", "HEAD", "--name-only", "--", ".", ":(exclude)results").splitlines()
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(changed), "changed": changed[:20]}
     except (OSError, subprocess.SubprocessError):  # not a checkout, or no commit yet
         return {"commit": None, "dirty": None}
 

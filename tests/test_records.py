@@ -1,7 +1,8 @@
 """The committed run records stay findable: each is current with today's schema (resume by config
-hash finds it), and a migration accepts only the schema changes it lists."""
+hash finds it), and a migration accepts only the schema changes it lists; the code version a record names."""
 
 import copy
+import subprocess
 import sys
 from pathlib import Path
 
@@ -38,3 +39,20 @@ def test_a_record_from_before_a_new_knob_is_migrated_and_one_with_another_differ
     wrong["config"]["train"]["lr"] = 1.0  # not a schema change: the record would be relabelled
     with pytest.raises(ValueError, match=r"train.lr is 1.0 in the record but 0.0005"):
         migrate_records.migrated(wrong, Path("x"))
+
+
+def test_git_state_names_changed_code_and_leaves_results_out(tmp_path):
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "bench.json").write_text("{}")
+    (tmp_path / "run.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "c")
+    (tmp_path / "results" / "bench.json").write_text('{"rows": []}')  # a bench writing while runs go on
+    assert records.git_state(tmp_path) | {"commit": None} == {"commit": None, "dirty": False, "changed": []}
+    (tmp_path / "run.py").write_text("x = 2\n")
+    assert records.git_state(tmp_path)["changed"] == ["run.py"] and records.git_state(tmp_path)["dirty"]
