@@ -14,8 +14,16 @@ SWEEP = $(PY) -m speft_bench --multirun
 # $(call sweeps,<folder>,<grids>): each grid of conf/experiment/sweeps/<folder>/ in turn into results/cpu,
 # stopping at the first that fails
 sweeps = for grid in $(2); do $(SWEEP) experiment=sweeps/$(1)/$$grid $(CPU_RUNS) || exit 1; done
+# $(call status,<folder>,<grids>): per grid, how many of its jobs have a completed record (hydra/launcher=status)
+status = for grid in $(2); do printf '%-50s' "$(1)/$$grid:"; $(SWEEP) experiment=sweeps/$(1)/$$grid $(CPU_RUNS) \
+	hydra/launcher=status 2>&1 | grep -o '[0-9]* of [0-9]* jobs have.*to run' || exit 1; done
+TABLE1_GRIDS = lora_pissa speft
+TABLE4_GRIDS = static dynamic
+SPSFT_GRIDS = l2_taylor head
+# the SPSFT twin's QM-Taylor, MLP-only and Full rows: the protocol's grids (1 thread: the hash includes it)
+SPSFT_PROTOCOL_GRIDS = spsft_qm_taylor spsft_l2_mlp full_lr
 
-.PHONY: help install test test-fast lint test-slurm demo bench bench-paper-shape wheelhouse gpu-check tables results-mrpc results-llm sweep-cpu-speft-table1 sweep-cpu-speft-table4 sweep-cpu-spsft sweep-cpu-protocol clean
+.PHONY: help install test test-fast lint test-slurm demo bench bench-paper-shape wheelhouse gpu-check tables results-mrpc results-llm sweep-cpu-speft-table1 sweep-cpu-speft-table4 sweep-cpu-spsft sweep-cpu-protocol sweep-status clean
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-24s %s\n", $$1, $$2}'
@@ -61,13 +69,14 @@ tables:  ## rebuild results/tables/*.{md,tex,csv} and figures from results/{cpu,
 	$(PY) scripts/make_figures.py
 
 sweep-cpu-speft-table1:  ## CPU twin of SPEFT Table 1/9: LoRA, PiSSA, SPEFT x 8 metrics on MiniLM-L6 (resumable)
-	$(call sweeps,speft_table1,lora_pissa speft)
+	$(call sweeps,speft_table1,$(TABLE1_GRIDS))
 
 sweep-cpu-speft-table4:  ## CPU twin of SPEFT Table 4: static/dynamic x global/local masks, gradient salience
-	$(call sweeps,speft_table4,static dynamic)
+	$(call sweeps,speft_table4,$(TABLE4_GRIDS))
 
 sweep-cpu-spsft:  ## CPU twin of SPSFT Tables 3/5: SPSFT (l2, taylor, qm_taylor, MLP-only), full, head
-	$(call sweeps,spsft,l2_taylor qm_taylor l2_mlp full head)
+	$(call sweeps,spsft,$(SPSFT_GRIDS))
+	$(call sweeps,protocol,$(SPSFT_PROTOCOL_GRIDS))
 
 # The papers' protocol on the twins (issue 15): 3 seeds on the four tasks that rank anything (CoLA's MCC
 # is ~0 for every method at this budget, so it stays at seed 0), an lr check, the missing SPSFT rows;
@@ -79,6 +88,12 @@ PROTOCOL_GRIDS = lora_pissa_seeds speft_gradient_seeds spsft_qm_taylor spsft_l2_
 	speft_reference_grasp_synflow speft_reference_fisher
 sweep-cpu-protocol:  ## seeds 1-2 of the Table 1/4 twins, lr sensitivity, SPSFT QM-Taylor/MLP-only/Full (resumable, hours)
 	$(call sweeps,protocol,$(PROTOCOL_GRIDS))
+
+sweep-status:  ## per grid of the sweep-cpu-* targets: jobs with a completed record, jobs to run (launches nothing)
+	@$(call status,speft_table1,$(TABLE1_GRIDS))
+	@$(call status,speft_table4,$(TABLE4_GRIDS))
+	@$(call status,spsft,$(SPSFT_GRIDS))
+	@$(call status,protocol,$(PROTOCOL_GRIDS))
 
 results-mrpc:  ## the full-MRPC comparison at LoRA r=8's budget -> results/mrpc_full (about 50 min)
 	$(SWEEP) experiment=sweeps/mrpc_full/lora $(MRPC_RUNS)

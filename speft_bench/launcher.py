@@ -1,6 +1,7 @@
-"""The SLURM launcher of ``hydra/launcher=slurm``: hydra-submitit-launcher's, knowing what is done.
+"""The launchers that know what is done: ``hydra/launcher=slurm`` (hydra-submitit-launcher's, submitting
+only what is missing) and ``hydra/launcher=status`` (launches nothing; says what a rerun would run).
 
-Over hydra_plugins.hydra_submitit_launcher's ``SlurmLauncher`` it changes four things:
+Over hydra_plugins.hydra_submitit_launcher's ``SlurmLauncher`` the SLURM one changes four things:
 
 * **Before submission** each job's config is composed (``load_sweep_config``, as in the job) and hashed
   as the entry point does; a job whose completed record of that hash exists under its
@@ -24,6 +25,7 @@ import functools
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -33,6 +35,8 @@ from typing import Any
 
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
+from hydra.plugins.launcher import Launcher
+from hydra.types import HydraContext, TaskFunction
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher as SubmititSlurmLauncher
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -55,6 +59,24 @@ def task_config(sweep_config: DictConfig) -> DictConfig:
     with open_dict(cfg):
         del cfg["hydra"]
     return cfg
+
+
+def completed_record(sweep_config: DictConfig, index: dict[Path, dict[str, Path]]) -> Path | None:
+    """The completed record of this job's config under its ``paths.output_dir``, if ``resume`` allows.
+
+    ``index``: completed records per output folder, filled as needed (each folder is read once)."""
+    cfg = task_config(sweep_config)
+    if not cfg.get("resume") or cfg.get("dry_run"):
+        return None
+    try:
+        identity = records.config_hash(records.resolved_config(cfg))
+        root = Path(cfg.paths.output_dir)
+    except OmegaConfBaseException as err:  # the job will fail on it and say so; run it
+        log.warning("cannot hash a job's config before launching it (%s): counted as to run", err)
+        return None
+    if root not in index:
+        index[root] = records.completed_records(root) if root.is_dir() else {}
+    return index[root].get(identity)
 
 
 def job_name(configs: Sequence[DictConfig]) -> str:
@@ -131,23 +153,6 @@ class SlurmLauncher(SubmititSlurmLauncher):
         signal.signal(signal.SIGTERM, _end_job)  # in place of submitit's "bypass"
         return super().__call__(*args, **kwargs)
 
-    def completed_record(self, sweep_config: DictConfig, index: dict[Path, dict[str, Path]]) -> Path | None:
-        """The completed record of this job's config under its ``paths.output_dir``, if ``resume`` allows.
-
-        ``index``: completed records per output folder, filled as needed (each folder is read once)."""
-        cfg = task_config(sweep_config)
-        if not cfg.get("resume") or cfg.get("dry_run"):
-            return None
-        try:
-            identity = records.config_hash(records.resolved_config(cfg))
-            root = Path(cfg.paths.output_dir)
-        except OmegaConfBaseException as err:  # the job will fail on it and say so; submit it
-            log.warning("cannot hash a job's config before submission (%s): submitting it", err)
-            return None
-        if root not in index:
-            index[root] = records.completed_records(root) if root.is_dir() else {}
-        return index[root].get(identity)
-
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         assert self.config is not None and self.hydra_context is not None
         results: dict[int, JobReturn] = {}
@@ -155,7 +160,7 @@ class SlurmLauncher(SubmititSlurmLauncher):
         index: dict[Path, dict[str, Path]] = {}
         for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
             sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
-            done = self.completed_record(sweep_config, index)
+            done = completed_record(sweep_config, index)
             if done is None:
                 todo.append((idx, list(overrides), sweep_config))
                 continue
@@ -225,3 +230,35 @@ class SlurmLauncher(SubmititSlurmLauncher):
         log.info("%d submitted jobs ended: %d completed, %d not (rerun the same command to do what is missing)",
                  len(out), len(out) - failed, failed)
         return out
+
+
+class StatusLauncher(Launcher):
+    """``hydra/launcher=status``: runs nothing, and says which jobs of the sweep have a completed record of
+    their config (a rerun skips them) and which would run: each job composed as any launcher composes it."""
+
+    def __init__(self, **_: Any) -> None:
+        self.config: DictConfig | None = None
+        self.hydra_context: HydraContext | None = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.config, self.hydra_context = config, hydra_context
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        assert self.config is not None and self.hydra_context is not None
+        index: dict[Path, dict[str, Path]] = {}
+        returns, done = [], 0
+        for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
+            sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+            record = completed_record(sweep_config, index)
+            done += record is not None
+            log.info("\t#%d : %s -- %s", idx, " ".join(filter_overrides(overrides)),
+                     f"done: {record}" if record else "to run")
+            # COMPLETED with no value: Hydra's sweeper reads every job's return value
+            returns.append(JobReturn(overrides=list(overrides), cfg=task_config(sweep_config), hydra_cfg=sweep_config,
+                                     status=JobStatus.COMPLETED))
+        log.info("%d of %d jobs have a completed record of their config; %d to run (nothing was launched)",
+                 done, len(job_overrides), len(job_overrides) - done)
+        sweep_dir = Path(self.config.hydra.sweep.dir)  # the sweeper saved its config there: nothing ran, remove it
+        if sweep_dir.is_dir() and [p.name for p in sweep_dir.iterdir()] == ["multirun.yaml"]:
+            shutil.rmtree(sweep_dir)
+        return returns

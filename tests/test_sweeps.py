@@ -69,6 +69,14 @@ def test_a_killed_multirun_is_resumed_without_redoing_finished_jobs(tmp_path):
     first = records_under(tmp_path)  # every record.json parses: written atomically
     assert 1 <= len(first) < 3 and all(r["status"] == "completed" for r in first)
 
+    sweeps = sorted((tmp_path / "multirun").iterdir())
+    status = subprocess.run([*command, "hydra/launcher=status"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert status.returncode == 0, status.stderr[-2000:]
+    said = status.stdout + status.stderr
+    assert f"{len(first)} of 3 jobs have a completed record of their config; {3 - len(first)} to run" in said
+    assert said.count("-- done: ") == len(first) and said.count("-- to run") == 3 - len(first)
+    assert records_under(tmp_path) == first and sorted((tmp_path / "multirun").iterdir()) == sweeps  # ran nothing
+
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     assert (again.stdout + again.stderr).count("skipping: a completed record of this config exists") == len(first)
