@@ -239,6 +239,13 @@ def paper_value(model: str, variant: str, column: str) -> str:
     return f"{prefix}{hit.value.iloc[0]:g}"
 
 
+def paper_cells(model: str, variant: str, ablate: str) -> tuple[str, str]:
+    """Table 7's mem_TTL and mem beside a row of ours; none beside an ablation (the paper has none)."""
+    if ablate != "none":
+        return "—", "—"
+    return paper_value(model, variant, "mem_TTL"), paper_value(model, variant, "mem")
+
+
 KEY = ("model", "precision", "layers", "variant", "ablate")  # what makes a row; a rerun skips the rows it holds
 
 
@@ -303,8 +310,7 @@ def report(rows: list[dict]) -> str:
                 other = fits.get((model, prec, ref, ablate), {}).get("mem_mb")
                 ratios.append(f"{f['mem_mb']['extrapolated'] / other['extrapolated']:.2f}" if other else "—")
             res = ", ".join(f"{round(x, 3) + 0.0:+.3f}" for x in f["mem_mb"]["residuals"])  # no "-0.000"
-            paper = ("—", "—") if ablate != "none" else (paper_value(model, variant, "mem_TTL"),
-                                                        paper_value(model, variant, "mem"))
+            paper = paper_cells(model, variant, ablate)
             out += (f"| {model} | {prec} | {variant} | {ablate} | {', '.join(map(str, f['depths']))} "
                     f"| {f['mem_M_mb']['extrapolated']:.2f} | {ttl} | {f['mem_mb']['extrapolated']:.2f} ({res}) "
                     f"| {ratios[0]} | {ratios[1]} | {paper[0]} | {paper[1]} |\n")
@@ -326,8 +332,7 @@ def full_depth_report(rows: list[dict]) -> str:
             other = next((x for x in rows if same(x, model=r["model"], precision=r["precision"], layers=r["layers"],
                                                   variant=ref, ablate=ablate)), None)
             ratios.append(f"{r['mem_mb'] / other['mem_mb']:.2f}" if other else "—")
-        paper = ("—", "—") if ablate != "none" else (paper_value(r["model"], r["variant"], "mem_TTL"),
-                                                    paper_value(r["model"], r["variant"], "mem"))
+        paper = paper_cells(r["model"], r["variant"], ablate)
         lines.append(f"| {r['model']} | {r['precision']} | {r['variant']} | {ablate} | {gb(r['mem_M_mb'])} "
                      f"| {gb(r['mem_TTL_mb'])} | {gb(r['mem_mb'])} | {' | '.join(ratios)} | {' | '.join(paper)} |")
     if not lines:

@@ -261,10 +261,11 @@ def run(cfg: DictConfig, run_dir: Path, command: str | None = None) -> dict[str,
         record |= {"status": "failed", "failure": {"reason": str(err), "tensor": err.tensor, "step": err.step}}
     finally:
         logger.finish()
-    before = record.get("train", {}).pop("train_s_before", 0.0)  # resumed: the earlier processes' training
-    if before != 0.0:  # None: the checkpoint did not keep it, so the total is unknown
+    if "train_s_before" in record.get("train", {}):  # resumed: the earlier processes' training up to its checkpoint
+        before = record["train"].pop("train_s_before")  # None: the checkpoint did not keep it
         timer["train_before"] = None if before is None else round(before, 3)
-    record["time_s"] = dict(timer) | {"total": None if before is None else round(sum(timer.values()), 3)}
+    known = None not in timer.values()  # else the total is unknown
+    record["time_s"] = dict(timer) | {"total": round(sum(timer.values()), 3) if known else None}
     record["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     record["device"] = device_record(device)
     record["environment"] = records.environment()
