@@ -17,15 +17,17 @@ import argparse
 import os
 import shlex
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra import initialize_config_dir  # noqa: E402
 
 from speft_bench import PROJECT_ROOT, records  # noqa: E402
-from speft_bench.config import register_schemas  # noqa: E402
+from speft_bench.config import Compositions, register_schemas  # noqa: E402
 
 
 def _dynamic(config: dict[str, Any]) -> bool:
@@ -86,12 +88,17 @@ def set_path(config: dict[str, Any], path: str, value: Any) -> None:
     config[leaf] = value
 
 
-def recompose(command: str) -> dict[str, Any]:
-    """The resolved config a rerun of ``command`` (``python -m speft_bench <overrides>``) composes today."""
-    overrides = [a for a in shlex.split(command)[3:] if not a.startswith("--")]
+@contextmanager
+def compositions() -> Iterator[Compositions]:
+    """Hydra initialized on the project's configs, for :func:`migrated` (records share group choices)."""
     register_schemas()
     with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
-        return records.resolved_config(compose(config_name="config", overrides=overrides))
+        yield Compositions()
+
+
+def recompose(command: str, composed: Compositions) -> dict[str, Any]:
+    """The resolved config a rerun of ``command`` (``python -m speft_bench <overrides>``) composes today."""
+    return records.resolved_config(composed.compose([a for a in shlex.split(command)[3:] if not a.startswith("--")]))
 
 
 def _rules() -> dict[str, tuple[str, Any]]:
@@ -100,9 +107,9 @@ def _rules() -> dict[str, tuple[str, Any]]:
             for path, value in migration.get(kind, {}).items()}
 
 
-def migrated(record: dict[str, Any], where: Path) -> dict[str, Any] | None:
+def migrated(record: dict[str, Any], where: Path, composed: Compositions) -> dict[str, Any] | None:
     """The record with today's config and hash, or None when it is current; ValueError if not allowed."""
-    old, new = flatten(record["config"]), recompose(record["command"])
+    old, new = flatten(record["config"]), recompose(record["command"], composed)
     flat_new, rules = flatten(new), _rules()
     changes = {}
     for path in sorted(old.keys() | flat_new.keys()):
@@ -145,10 +152,10 @@ def main() -> int:
     parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if any record needs migrating")
     args = parser.parse_args()
     stale = 0
-    for root in args.roots:
-        for path in sorted(root.rglob(records.RECORD_NAME)):
+    with compositions() as composed:
+        for path in sorted(p for root in args.roots for p in root.rglob(records.RECORD_NAME)):
             record = records.read_record(path)
-            if record.get("command") is None or (update := migrated(record, path)) is None:
+            if record.get("command") is None or (update := migrated(record, path, composed)) is None:
                 continue
             stale += 1
             if not args.check:

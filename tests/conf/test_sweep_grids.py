@@ -17,7 +17,7 @@ from hydra.errors import ConfigCompositionException
 from hydra.types import RunMode
 
 from speft_bench import records
-from speft_bench.config import register_schemas
+from speft_bench.config import Compositions, register_schemas
 from speft_bench.launcher import task_config
 from tests.helpers import CONF, ROOT
 
@@ -100,13 +100,9 @@ class Sweeps:
     def __init__(self, fast: bool = True):
         self.hydra = GlobalHydra.instance().hydra
         self.parser = OverridesParser.create()
+        self.is_value = Compositions().is_value
         self.fast = fast
         self.masters, self.composed = {}, {}
-
-    def is_value(self, override) -> bool:
-        """A config value, not a group choice: as ``defaults_list.Overrides`` tells them apart."""
-        return isinstance(override.value(), dict) or not self.hydra.config_loader.repository.group_exists(
-            override.key_or_group)
 
     def master(self, command: list[str]):
         base = tuple(o.input_line for o in self.parser.parse_overrides(command)
