@@ -24,7 +24,10 @@ With several depths the report fits each memory figure to a + b·N by least squa
 residuals and extrapolates to the model's full depth (labelled as an extrapolation).
 
 ``--ablate`` switches one thing off to show where memory goes: ``no_cache`` (``use_cache=False``: no
-key/value cache in either pass) and ``sgd`` (plain SGD: no optimizer state).  ``--salience METRIC …``
+key/value cache in either pass) and ``sgd`` (plain SGD: no optimizer state); ``small_vocab`` cuts the
+embedding and the LM head to 1,024 tokens, so that a step's time is its blocks' (Llama3-8B's 128k-token
+head is most of a CPU step at one block, and its noise hides a block's).  With step times at several
+depths the report fits them too: seconds per block, against LoRA's.  ``--salience METRIC …``
 adds, per depth, the peak of that SPEFT salience metric on the same batch (the unadapted model,
 ``method.calibration_micro_batch=1``), to set against the SPEFT training peak.  Rows are appended to
 ``--out`` as they finish; a rerun skips the (model, precision, depth, variant, ablation) rows it holds.
@@ -49,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import MMAP, OUT, attach_peft_only, harness_config, machine, reset_peak, rss_mb  # noqa: E402
 
 FULL_DEPTH = {"llama2_7b": 32, "llama3_8b": 32}
+SMALL_VOCAB = 1024  # --ablate small_vocab: rows of the embedding and the LM head
 # variant -> harness overrides (the budget: LoRA r = 64 on all seven linears, SPSFT r = 128 = 2R, as Table 7),
 # or "peft": bench.PEFT_ONLY's variant at rank 64 (Super-Tuning and SHiRA match LoRA r = 64's count on the same linears)
 LORA64 = ("method.r=64", "method.alpha=16", "method.dropout=0.0")
@@ -123,6 +127,8 @@ def build(args):
     device = resolve_device(args.device)
     torch.manual_seed(0)
     model = load_causal_lm(typed["model"], None, precision.body_dtype(args.precision), str(device))
+    if args.ablate == "small_vocab":
+        model.resize_token_embeddings(SMALL_VOCAB)
     if isinstance(spec, tuple):
         model = prepare_without_data(model, cfg, typed).model  # the harness's method, data-free metrics
     elif spec == "peft":  # a peft-only variant on all seven linears
@@ -144,7 +150,8 @@ def worker(args) -> dict:
     model, typed, device = build(args)
     spec = typed["train"]
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(100, 30000, (args.batch_size, args.seq_len), generator=gen).to(device)
+    ids = torch.randint(100, min(30000, model.config.vocab_size), (args.batch_size, args.seq_len), generator=gen)
+    ids = ids.to(device)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     params = [p for p in model.parameters() if p.requires_grad]
     row = {"trainable": sum(p.numel() for p in params), "total": sum(p.numel() for p in model.parameters())}
@@ -258,15 +265,18 @@ def gb(mb: float | None) -> str:
 
 
 def depth_fits(rows: list[dict]) -> dict:
-    """(model, precision, variant, ablation) -> each memory figure's fit in GB over the depths measured (≥ 2)."""
+    """(model, precision, variant, ablation) -> each memory figure's fit in GB over the depths measured (≥ 2),
+    and the step time's in seconds where every depth was timed."""
     fits = {}
     for key in dict.fromkeys((r["model"], r["precision"], r["variant"], r.get("ablate", "none"))
                              for r in rows if "error" not in r):
         got = sorted((r for r in rows if same(r, model=key[0], precision=key[1], variant=key[2], ablate=key[3])),
                      key=lambda r: r["layers"])
         if len({r["layers"] for r in got}) >= 2:
-            fits[key] = {m: fit([r["layers"] for r in got], [r[m] / 1024 for r in got], FULL_DEPTH[key[0]])
-                         for m in ("mem_M_mb", "mem_TTL_mb", "mem_mb", "scores_mb") if got[0].get(m) is not None}
+            fits[key] = {m: fit([r["layers"] for r in got], [r[m] / (1024 if m.endswith("_mb") else 1) for r in got],
+                                FULL_DEPTH[key[0]])
+                         for m in ("mem_M_mb", "mem_TTL_mb", "mem_mb", "scores_mb", "step_s")
+                         if all(r.get(m) is not None for r in got)}
             fits[key]["depths"] = [r["layers"] for r in got]
     return fits
 
@@ -314,11 +324,30 @@ def report(rows: list[dict]) -> str:
             out += (f"| {model} | {prec} | {variant} | {ablate} | {', '.join(map(str, f['depths']))} "
                     f"| {f['mem_M_mb']['extrapolated']:.2f} | {ttl} | {f['mem_mb']['extrapolated']:.2f} ({res}) "
                     f"| {ratios[0]} | {ratios[1]} | {paper[0]} | {paper[1]} |\n")
-    out += full_depth_report(rows) + salience_report(rows, fits)
+    out += step_time_report(fits) + full_depth_report(rows) + salience_report(rows, fits)
     commands = dict.fromkeys((r["command"], r["machine"]) for r in rows if "command" in r)
     out += ("\nCommands (each row records its own; memory: peak RSS (VmHWM, MALLOC_MMAP_THRESHOLD_=131072) on CPU, "
             "max_memory_allocated on CUDA):\n\n" + "".join(f"- `{c}` on {m}\n" for c, m in commands))
     return out
+
+
+def step_time_report(fits: dict) -> str:
+    """Seconds per block (the slope b of the step time over the depths timed) against LoRA's, same ablation."""
+    lines = []
+    for (model, prec, variant, ablate), f in fits.items():
+        if "step_s" not in f or variant.startswith(SALIENCE):
+            continue
+        lora = fits.get((model, prec, "lora", ablate), {}).get("step_s")
+        res = ", ".join(f"{round(x, 2) + 0.0:+.2f}" for x in f["step_s"]["residuals"])  # no "-0.00"
+        ratio = f"{f['step_s']['b'] / lora['b']:.2f}" if lora else "—"
+        lines.append(f"| {model} | {prec} | {variant} | {ablate} | {', '.join(map(str, f['depths']))} "
+                     f"| {f['step_s']['a']:.2f} | {f['step_s']['b']:.2f} ({res}) | {ratio} |")
+    if not lines:
+        return ""
+    return ("\n**Step time per block**: least squares s/step = a + b·N over the depths timed (residuals in s); "
+            "× LoRA: b against LoRA r=64's b, same ablation:\n\n"
+            "| model | precision | method | ablation | N fitted | a s | b s/block (residuals) | × LoRA |\n"
+            "|---|---|---|---|---|---:|---:|---:|\n" + "\n".join(lines) + "\n")
 
 
 def full_depth_report(rows: list[dict]) -> str:
@@ -402,8 +431,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, nargs="+", default=[1, 2, 4], help="depths N (model.num_layers)")
     parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "bf16", "bf16-mixed"])
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--ablate", nargs="+", default=["none"], choices=["none", "no_cache", "sgd"],
-                        help="switch one thing off: the key/value cache, or AdamW's state (plain SGD)")
+    parser.add_argument("--ablate", nargs="+", default=["none"], choices=["none", "no_cache", "sgd", "small_vocab"],
+                        help="switch one thing off: the key/value cache, AdamW's state (plain SGD), or all but "
+                             f"{SMALL_VOCAB} rows of the embedding and LM head (a step's time is its blocks')")
     parser.add_argument("--salience", nargs="*", default=[], metavar="METRIC",
                         help="also the peak of these SPEFT salience metrics on the same batch")
     parser.add_argument("--batch-size", type=int, default=1)

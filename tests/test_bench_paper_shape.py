@@ -81,3 +81,14 @@ def test_a_failed_configuration_is_a_row_that_says_why(bench):
                                                   "variant": "shira", "ablate": "none",
                                                   "error": "killed by signal 9 (out of memory)"}])
     assert "| llama2_7b | fp32 | shira | none | 1 | error: killed by signal 9 (out of memory) |" in text
+
+
+def test_step_time_is_fitted_per_block_against_loras(bench):
+    """LoRA 2 s per block over a 10 s head, SPEFT 2.2 s per block: 1.10 × LoRA's b, whatever the head costs."""
+    rows = [row("lora", n, 1024.0, step_s=10.0 + 2.0 * n) for n in (1, 2, 4)]
+    rows += [row("speft_sampled", n, 1024.0, step_s=12.0 + 2.2 * n) for n in (1, 2, 4)]
+    rows += [row("spsft", n, 1024.0, step_s=None) for n in (1, 2)]  # memory only: no step-time fit
+    text = bench.report(rows)
+    assert "| llama2_7b | fp32 | lora | none | 1, 2, 4 | 10.00 | 2.00 (+0.00, +0.00, +0.00) | 1.00 |" in text
+    assert "| llama2_7b | fp32 | speft_sampled | none | 1, 2, 4 | 12.00 | 2.20 (+0.00, +0.00, +0.00) | 1.10 |" in text
+    assert "| llama2_7b | fp32 | spsft | none | 1, 2 |" not in text.split("Step time per block")[1]
