@@ -60,15 +60,10 @@ class Compositions:
         self.parser = OverridesParser.create()
         self.composed: dict[tuple[str, ...], DictConfig] = {}
 
-    def is_value(self, override: Override) -> bool:
-        """A config value, not a group choice: as ``defaults_list.Overrides`` tells them apart."""
-        return isinstance(override.value(), dict) or not self.hydra.config_loader.repository.group_exists(
-            override.key_or_group)
-
     def compose(self, overrides: list[str]) -> DictConfig:
         """What ``hydra.compose("config", overrides)`` returns (without the ``hydra`` node)."""
         parsed = self.parser.parse_overrides(overrides)
-        groups = tuple(o.input_line for o in parsed if not self.is_value(o))
+        groups = tuple(o.input_line for o in parsed if not is_value(o))
         if groups not in self.composed:
             cfg = self.hydra.compose_config("config", list(groups), run_mode=RunMode.RUN, from_shell=False,
                                             with_log_configuration=False)
@@ -76,8 +71,14 @@ class Compositions:
                 del cfg["hydra"]
             self.composed[groups] = cfg
         cfg = copy.deepcopy(self.composed[groups])
-        ConfigLoaderImpl._apply_overrides_to_config([o for o in parsed if self.is_value(o)], cfg)
+        ConfigLoaderImpl._apply_overrides_to_config([o for o in parsed if is_value(o)], cfg)
         return cfg
+
+
+def is_value(override: Override) -> bool:
+    """A config value, not a group choice, as ``defaults_list.Overrides`` tells them apart (Hydra initialized)."""
+    repository = GlobalHydra.instance().hydra.config_loader.repository
+    return isinstance(override.value(), dict) or not repository.group_exists(override.key_or_group)
 
 
 def validate(cfg: DictConfig) -> dict[str, Any]:

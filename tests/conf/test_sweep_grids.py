@@ -17,7 +17,7 @@ from hydra.errors import ConfigCompositionException
 from hydra.types import RunMode
 
 from speft_bench import records
-from speft_bench.config import Compositions, register_schemas
+from speft_bench.config import is_value, register_schemas
 from speft_bench.launcher import task_config
 from tests.helpers import CONF, ROOT
 
@@ -100,13 +100,12 @@ class Sweeps:
     def __init__(self, fast: bool = True):
         self.hydra = GlobalHydra.instance().hydra
         self.parser = OverridesParser.create()
-        self.is_value = Compositions().is_value
         self.fast = fast
         self.masters, self.composed = {}, {}
 
     def master(self, command: list[str]):
         base = tuple(o.input_line for o in self.parser.parse_overrides(command)
-                     if not o.is_sweep_override() and (o.is_hydra_override() or not self.is_value(o)))
+                     if not o.is_sweep_override() and (o.is_hydra_override() or not is_value(o)))
         if base not in self.masters:
             self.masters[base] = self.hydra.compose_config("config", list(base), run_mode=RunMode.MULTIRUN,
                                                            with_log_configuration=False)
@@ -123,8 +122,8 @@ class Sweeps:
         if not self.fast:
             return task_config(self.hydra.config_loader.load_sweep_config(master, job))
         parsed = self.parser.parse_overrides(job)
-        values = [o for o in parsed if self.is_value(o)]
-        groups = tuple(o.input_line for o in parsed if not self.is_value(o))
+        values = [o for o in parsed if is_value(o)]
+        groups = tuple(o.input_line for o in parsed if not is_value(o))
         key = (tuple(master.hydra.overrides.hydra), groups)
         if key not in self.composed:
             self.composed[key] = self.hydra.config_loader.load_sweep_config(master, list(groups))
