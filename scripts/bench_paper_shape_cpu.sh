@@ -15,9 +15,10 @@ $BENCH --models llama3_8b --precisions bf16 --layers 1 2 --variants floor lora s
 $BENCH --models llama3_8b --precisions bf16 --layers 4 --variants floor lora speft_sampled speft_dense \
   --salience magnitude gradient fisher synflow --steps 3
 # the same per block, the 128k-token embedding and head cut to 1,024 rows (at one block they are most of a
-# step, and their step-to-step noise hides a block's); 5 timed steps, the machine to itself
-$BENCH --models llama3_8b --precisions bf16 --layers 1 2 --variants lora speft_sampled speft_dense floor \
-  --ablate small_vocab --steps 5
+# step, and their step-to-step noise hides a block's), the machine to itself; in fp32: a CPU without
+# AVX-512 BF16 runs bf16 matmuls on one core (add --precisions bf16 on one that has it)
+$BENCH --models llama3_8b --precisions fp32 --layers 1 --variants lora speft_sampled speft_dense \
+  --ablate small_vocab --steps 3
 # where LoRA's memory goes: no key/value cache, no optimizer state (plain SGD)
 $BENCH --models llama2_7b --layers 1 2 --variants lora lora_dropout0.1 spsft --ablate no_cache sgd --steps 0
 # the rest of Table 7: DoRA and the FA (MLP-only) rows, then its Llama3-8B column
