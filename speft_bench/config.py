@@ -63,7 +63,8 @@ class Compositions:
     def compose(self, overrides: list[str]) -> DictConfig:
         """What ``hydra.compose("config", overrides)`` returns (without the ``hydra`` node)."""
         parsed = self.parser.parse_overrides(overrides)
-        groups = tuple(o.input_line for o in parsed if not is_value(o))
+        values = [o for o in parsed if is_value(o)]
+        groups = tuple(o.input_line for o in parsed if o not in values)
         if groups not in self.composed:
             cfg = self.hydra.compose_config("config", list(groups), run_mode=RunMode.RUN, from_shell=False,
                                             with_log_configuration=False)
@@ -71,7 +72,7 @@ class Compositions:
                 del cfg["hydra"]
             self.composed[groups] = cfg
         cfg = copy.deepcopy(self.composed[groups])
-        ConfigLoaderImpl._apply_overrides_to_config([o for o in parsed if is_value(o)], cfg)
+        ConfigLoaderImpl._apply_overrides_to_config(values, cfg)
         return cfg
 
 

@@ -2,6 +2,7 @@
 hash finds it), and a migration accepts only the schema changes it lists; the code version a record names."""
 
 import copy
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -39,7 +40,7 @@ def test_shared_compositions_compose_as_hydra_does(composed):
 
     commands = sorted({records.read_record(p)["command"] for p in COMMITTED})
     for command in [c for c in commands if "train.seed=2" in c][:3] + commands[::40]:  # seeds share one
-        overrides = [a for a in command.split()[3:] if not a.startswith("--")]
+        overrides = [a for a in shlex.split(command)[3:] if not a.startswith("--")]
         assert migrate_records.recompose(command, composed) == records.resolved_config(compose("config", overrides))
 
 

@@ -123,7 +123,7 @@ class Sweeps:
             return task_config(self.hydra.config_loader.load_sweep_config(master, job))
         parsed = self.parser.parse_overrides(job)
         values = [o for o in parsed if is_value(o)]
-        groups = tuple(o.input_line for o in parsed if not is_value(o))
+        groups = tuple(o.input_line for o in parsed if o not in values)
         key = (tuple(master.hydra.overrides.hydra), groups)
         if key not in self.composed:
             self.composed[key] = self.hydra.config_loader.load_sweep_config(master, list(groups))
