@@ -23,7 +23,7 @@ SPSFT_GRIDS = l2_taylor head
 # the SPSFT twin's QM-Taylor, MLP-only and Full rows: the protocol's grids (1 thread: the hash includes it)
 SPSFT_PROTOCOL_GRIDS = spsft_qm_taylor spsft_l2_mlp full_lr
 
-.PHONY: help install test test-fast lint test-slurm demo bench bench-paper-shape wheelhouse gpu-check tables results-mrpc results-llm sweep-cpu-speft-table1 sweep-cpu-speft-table4 sweep-cpu-spsft sweep-cpu-protocol sweep-status clean
+.PHONY: help install test test-fast lint test-slurm demo bench bench-paper-shape wheelhouse gpu-check gpu-rehearsal tables results-mrpc results-llm sweep-cpu-speft-table1 sweep-cpu-speft-table4 sweep-cpu-spsft sweep-cpu-protocol sweep-status clean
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-24s %s\n", $$1, $$2}'
@@ -109,13 +109,16 @@ results-llm:  ## the LLM track on CPU: SmolLM2-135M pretrained/LoRA/SPEFT/SPSFT 
 	$(SWEEP) experiment=sweeps/llm/gsm8k_speft $(LLM_RUNS)
 	$(SWEEP) experiment=sweeps/llm/gsm8k_spsft $(LLM_RUNS)
 
-wheelhouse:  ## wheels the GPU machine lacks (hydra-core, omegaconf, pytest) -> wheelhouse/, for scripts/gpu_check.sh
+wheelhouse:  ## wheels the GPU machine lacks (hydra-core, omegaconf, the submitit launcher, pytest) -> wheelhouse/, for scripts/gpu_check.sh
 	rm -rf wheelhouse
 	$(PIP) wheel -q --no-deps -w wheelhouse hydra-core==1.3.8 omegaconf==2.3.0 antlr4-python3-runtime==4.9.3 \
-	    pytest iniconfig pluggy pygments packaging
+	    hydra-submitit-launcher==1.2.0 submitit==1.5.4 pytest iniconfig pluggy pygments packaging
 
 gpu-check:  ## the prepared GPU check (tests marked gpu + paper-shape bench) -> results/gpu (needs CUDA)
 	bash scripts/gpu_check.sh results/gpu
+
+gpu-rehearsal:  ## the GPU check on this CPU at toy size, with the GPU image's library versions -> results/gpu_rehearsal
+	bash scripts/gpu_rehearsal.sh results/gpu_rehearsal
 
 clean:  ## remove run outputs and caches (not results/)
 	rm -rf outputs multirun .pytest_cache
