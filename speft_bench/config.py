@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,27 +54,34 @@ class Compositions:
 
     Hydra composes the defaults tree from a command's group choices, then applies its value overrides to
     the result (``ConfigLoaderImpl._load_configuration_impl``).  A composition costs ~0.2 s; commands that
-    differ only in values (a seed, a learning rate) share one here.  Use inside ``initialize_config_dir``."""
+    differ only in values (a seed, a learning rate) share one here.  ``compose_groups`` composes the group
+    choices: by default a plain run's config, as ``hydra.compose`` returns it (a sweep's jobs pass the
+    config loader's ``load_sweep_config`` on their master).  Use inside ``initialize_config_dir``."""
 
-    def __init__(self):
-        self.hydra = GlobalHydra.instance().hydra
+    def __init__(self, compose_groups: Callable[[list[str]], DictConfig] | None = None):
         self.parser = OverridesParser.create()
+        self.compose_groups = compose_groups or run_config
         self.composed: dict[tuple[str, ...], DictConfig] = {}
 
     def compose(self, overrides: list[str]) -> DictConfig:
-        """What ``hydra.compose("config", overrides)`` returns (without the ``hydra`` node)."""
+        """What composing ``overrides`` at once returns."""
         parsed = self.parser.parse_overrides(overrides)
         values = [o for o in parsed if is_value(o)]
         groups = tuple(o.input_line for o in parsed if o not in values)
         if groups not in self.composed:
-            cfg = self.hydra.compose_config("config", list(groups), run_mode=RunMode.RUN, from_shell=False,
-                                            with_log_configuration=False)
-            with open_dict(cfg):
-                del cfg["hydra"]
-            self.composed[groups] = cfg
+            self.composed[groups] = self.compose_groups(list(groups))
         cfg = copy.deepcopy(self.composed[groups])
         ConfigLoaderImpl._apply_overrides_to_config(values, cfg)
         return cfg
+
+
+def run_config(overrides: list[str]) -> DictConfig:
+    """``hydra.compose("config", overrides)``: a plain run's config, without the ``hydra`` node."""
+    cfg = GlobalHydra.instance().hydra.compose_config("config", overrides, run_mode=RunMode.RUN, from_shell=False,
+                                                      with_log_configuration=False)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
 
 
 def is_value(override: Override) -> bool:

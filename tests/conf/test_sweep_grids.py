@@ -2,14 +2,12 @@
 runs the jobs, by config hash, that its command lines ran when the grids were in the Makefile, so its
 sweeps resume on the records already in ``results/``."""
 
-import copy
 import re
 import shutil
 import subprocess
 
 import pytest
 from hydra import initialize_config_dir
-from hydra._internal.config_loader_impl import ConfigLoaderImpl
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -17,7 +15,7 @@ from hydra.errors import ConfigCompositionException
 from hydra.types import RunMode
 
 from speft_bench import records
-from speft_bench.config import is_value, register_schemas
+from speft_bench.config import Compositions, is_value, register_schemas
 from speft_bench.launcher import task_config
 from tests.helpers import CONF, ROOT
 
@@ -67,8 +65,8 @@ class Sweeps:
     sweeper params, the launcher and the jobs' hydra overrides come from (a value override of a swept
     group, ``metric.variant=reference`` beside ``metric=grasp,synflow``, fails in Hydra's own master).
     Value overrides are applied after composition (``_load_configuration_impl``), so jobs that differ
-    only in them share one composition of their group choices: ``fast`` applies them to a copy of it
-    with the loader's own ``_apply_overrides_to_config``; ``fast=False`` composes every job."""
+    only in them share one composition of their group choices: ``fast`` shares it through
+    :class:`speft_bench.config.Compositions`; ``fast=False`` composes every job."""
 
     def __init__(self, fast: bool = True):
         self.hydra = GlobalHydra.instance().hydra
@@ -94,15 +92,10 @@ class Sweeps:
         master = self.master(command)
         if not self.fast:
             return task_config(self.hydra.config_loader.load_sweep_config(master, job))
-        parsed = self.parser.parse_overrides(job)
-        values = [o for o in parsed if is_value(o)]
-        groups = tuple(o.input_line for o in parsed if o not in values)
-        key = (tuple(master.hydra.overrides.hydra), groups)
+        key = tuple(master.hydra.overrides.hydra)  # the jobs' hydra overrides: one set of compositions each
         if key not in self.composed:
-            self.composed[key] = self.hydra.config_loader.load_sweep_config(master, list(groups))
-        cfg = copy.deepcopy(self.composed[key])
-        ConfigLoaderImpl._apply_overrides_to_config(values, cfg)
-        return task_config(cfg)
+            self.composed[key] = Compositions(lambda groups: self.hydra.config_loader.load_sweep_config(master, groups))
+        return task_config(self.composed[key].compose(job))
 
     def hashes(self, command: list[str]) -> list[str]:
         return [records.config_hash(records.resolved_config(self.config(command, job))) for job in self.jobs(command)]
