@@ -28,6 +28,6 @@ $BENCH --models llama3_8b --layers 1 2 --variants floor lora lora_dropout0.1 dor
 # one block, more than this machine holds)
 $BENCH --models llama2_7b --layers 1 2 --variants pissa speft_sampled speft_dense supertuning shira full --steps 0
 $BENCH --models llama3_8b --layers 1 2 --variants speft_sampled speft_dense supertuning shira --steps 0
-$BENCH --models llama3_8b --layers 1 2 --variants pissa --steps 0  # its SVD init: ~10 min a block on 2 cores
+$BENCH --models llama3_8b --layers 1 2 --variants pissa --steps 0  # its SVD init: 10–12 min a block on 2 cores
 # GraSP at 4 blocks needs more than this machine's 24 GiB (its row says so)
 $BENCH --models llama3_8b --precisions bf16 --layers 4 --variants --salience grasp --steps 3
