@@ -108,6 +108,12 @@ def sweeps():
         yield Sweeps()
 
 
+@pytest.fixture(scope="module")
+def committed() -> dict:
+    """Config hash → completed record, of every record committed under results/cpu (read once)."""
+    return records.completed_records(ROOT / "results" / "cpu")
+
+
 def new_command(target: str, name: str) -> list[str]:
     return [f"experiment=sweeps/{name}", *OUTPUT.get(target, "paths.output_dir=results/cpu").split()]
 
@@ -123,12 +129,12 @@ def new_command(target: str, name: str) -> list[str]:
     ("sweep-cpu-speft-table1", "speft_table1/speft", [], 40),
     ("sweep-cpu-speft-table4", "speft_table4/static", [], 10),
     ("sweep-cpu-speft-table4", "speft_table4/dynamic", ["masking.optimizer_reset=values"], 10)])
-def test_each_grid_resumes_on_the_records_its_old_command_lines_wrote(sweeps, target, grid, setting, jobs):
+def test_each_grid_resumes_on_the_records_its_old_command_lines_wrote(sweeps, committed, target, grid, setting,
+                                                                     jobs):
     command = [*new_command(target, grid), *setting]
     new = sweeps.hashes(command)
     assert len(new) == len(set(new)) == jobs  # no job twice
-    done = records.completed_records(ROOT / "results" / "cpu")
-    assert [h for h in new if h not in done] == []
+    assert [h for h in new if h not in committed] == []
     # the same launcher (the protocol's 2 local jobs) as the old lines, whose records these are
     [launcher] = {str(sweeps.master(line.split()).hydra.launcher) for line in OLD[target]}
     assert str(sweeps.master(command).hydra.launcher) == launcher
