@@ -16,6 +16,9 @@ scale; they are all ×100 scores.  The verdict reads the interval against ``marg
 
 Fewer than two pairs cannot be tested: undecided.  Over several comparisons: not reproduced when any
 is, reproduced when all are, otherwise undecided.
+
+An undecided comparison also says how many pairs would decide it if its mean and std stayed as measured
+(``pairs_to_decide``): a planning figure for the sweeps, not a test.  A mean near the margin needs many.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import yaml
 from scipy import stats
@@ -33,6 +37,7 @@ from scipy import stats
 from speft_bench.tables import TableSpec, cell_records, result_configs, runs_by_seed
 
 REPRODUCED, NOT_REPRODUCED, UNDECIDED = "reproduced", "not reproduced", "undecided"
+MOST_PAIRS = 1000  # pairs_to_decide looks no further (the protocol has 12 pairs a claim)
 NAME = "claims"  # <out>/claims.{md,csv}, beside the tables (not a table: make_figures skips it)
 
 
@@ -119,9 +124,21 @@ def paired_test(diffs: pd.Series, confidence: float) -> dict[str, float]:
     return {"n": n, "mean": mean, "std": std, "low": mean - half, "high": mean + half, "p": p}
 
 
+def pairs_to_decide(mean: float, std: float, test: str, margin: float, confidence: float) -> int | None:
+    """The fewest pairs (2 … ``MOST_PAIRS``) whose interval, at this ``mean`` and ``std``, gives ``test`` a
+    verdict other than undecided; None when none does (or mean/std are unknown)."""
+    if math.isnan(mean) or math.isnan(std):
+        return None
+    ns = np.arange(2, MOST_PAIRS + 1)
+    halves = stats.t.ppf(0.5 + confidence / 2, ns - 1) * std / np.sqrt(ns)
+    verdict = VERDICTS[test]
+    return next((int(n) for n, h in zip(ns, halves) if verdict(mean - h, mean + h, margin) != UNDECIDED), None)
+
+
 def evaluate(claims: list[Claim], specs: Iterable[TableSpec], records: list[dict], margin: float,
              confidence: float) -> pd.DataFrame:
-    """One line per comparison: claim, comparison ("a ≈ b"), tasks, the test's numbers, verdict."""
+    """One line per comparison: claim, comparison ("a ≈ b"), tasks, the test's numbers, verdict, and for
+    an undecided one with n ≥ 2 the pairs that would decide it at its mean and std."""
     by_name = {s.name: s for s in specs}
     lines = []
     for claim in claims:
@@ -129,11 +146,15 @@ def evaluate(claims: list[Claim], specs: Iterable[TableSpec], records: list[dict
             diffs = pairs(by_name[claim.table], records, claim.a, b, claim.tasks)
             result = paired_test(diffs["diff"], confidence)
             verdict = UNDECIDED if result["n"] < 2 else VERDICTS[claim.test](result["low"], result["high"], margin)
+            needed = (pairs_to_decide(result["mean"], result["std"], claim.test, margin, confidence)
+                      if verdict == UNDECIDED else None)
             lines.append({"claim": claim.label, "source": claim.source, "test": claim.test,
                           "comparison": f"{claim.a} {SYMBOLS[claim.test]} {b}",
                           "tasks": ",".join(sorted(set(diffs.task), key=claim.tasks.index)),
-                          "seeds": ",".join(str(s) for s in sorted(set(diffs.seed))), **result, "verdict": verdict})
-    return pd.DataFrame(lines)
+                          "seeds": ",".join(str(s) for s in sorted(set(diffs.seed))), **result, "verdict": verdict,
+                          "pairs_to_decide": needed})
+    table = pd.DataFrame(lines)
+    return table.astype({"pairs_to_decide": "Int64"}) if lines else table
 
 
 def overall(verdicts: Iterable[str]) -> str:
@@ -148,19 +169,27 @@ def _num(x: float, fmt: str = "+.2f") -> str:
     return "—" if math.isnan(x) else format(x, fmt)
 
 
+def _pairs(verdict: str, n: int, needed) -> str:
+    if verdict != UNDECIDED or n < 2:
+        return "—"
+    return f"> {MOST_PAIRS}" if pd.isna(needed) else str(needed)
+
+
 def render_md(table: pd.DataFrame, margin: float, confidence: float) -> str:
     """Markdown: per claim its verdict, then a line per comparison with the test's numbers."""
     out = [f"Paired differences ours(a) − ours(b), ×100, over the (task, seed) runs both rows completed; "
-           f"{confidence:.0%} t-interval of the mean; margin ±{margin:g} points (speft_bench/claims.py).\n"]
+           f"{confidence:.0%} t-interval of the mean; margin ±{margin:g} points (speft_bench/claims.py). "
+           f"Pairs to decide: how many pairs an undecided comparison would need if its mean and std stayed as "
+           f"measured (> {MOST_PAIRS}: more than any sweep here).\n"]
     for claim, group in table.groupby("claim", sort=False):
         out.append(f"**{claim}** ({group.source.iloc[0]}): **{overall(group.verdict)}**\n")
-        out.append("| Comparison | Tasks | Seeds | n | Mean diff | Std | CI | p | Verdict |")
-        out.append("| :--- | :--- | :--- | ---: | ---: | ---: | ---: | ---: | :--- |")
+        out.append("| Comparison | Tasks | Seeds | n | Mean diff | Std | CI | p | Verdict | Pairs to decide |")
+        out.append("| :--- | :--- | :--- | ---: | ---: | ---: | ---: | ---: | :--- | ---: |")
         for line in group.itertuples():
             ci = "—" if math.isnan(line.low) else f"[{line.low:+.2f}, {line.high:+.2f}]"
             out.append(f"| {line.comparison} | {line.tasks or '—'} | {line.seeds or '—'} | {line.n} "
                        f"| {_num(line.mean)} | {_num(line.std, '.2f')} | {ci} | {_num(line.p, '.3f')} "
-                       f"| {line.verdict} |")
+                       f"| {line.verdict} | {_pairs(line.verdict, line.n, line.pairs_to_decide)} |")
         out.append("")
     return "\n".join(out)
 

@@ -10,12 +10,14 @@ from speft_bench.claims import (
     NOT_REPRODUCED,
     REPRODUCED,
     UNDECIDED,
+    VERDICTS,
     Claim,
     evaluate,
     load_claims,
     overall,
     paired_test,
     pairs,
+    pairs_to_decide,
     render_md,
 )
 from speft_bench.tables import TABLES_CONF, Column, Row, TableSpec, load_specs
@@ -83,6 +85,43 @@ def test_verdict_reads_the_interval_against_the_margin(test, diffs, verdict):
     claim = Claim("c", "toy", "toy", "A", ("B",), test, ("MRPC",))
     got = evaluate([claim], [SPEC], records, margin=1.0, confidence=0.95)
     assert got.verdict.tolist() == [verdict] and got.n.tolist() == [4]
+
+
+def sample(n, mean, std):
+    """n differences with exactly this mean and std (ddof=1)."""
+    z = pd.Series(range(n), dtype=float)
+    return mean + std * (z - z.mean()) / z.std(ddof=1)
+
+
+@pytest.mark.parametrize("test, mean, std", [
+    ("equivalent", 0.0, 1.0), ("equivalent", 0.6, 3.2), ("equivalent", 1.8, 2.0), ("equivalent", -1.3, 4.0),
+    ("not_worse", -0.4, 2.5), ("not_worse", 1.5, 9.0), ("not_worse", -2.5, 3.0),
+])
+def test_pairs_to_decide_is_the_first_n_whose_interval_decides(test, mean, std):
+    """Brute force: at the n it gives, n such pairs get a verdict; at n − 1 they are still undecided."""
+    n = pairs_to_decide(mean, std, test, 1.0, 0.95)
+    verdict = {m: VERDICTS[test](r["low"], r["high"], 1.0) for m in (n - 1, n) if m >= 2
+               for r in [paired_test(sample(m, mean, std), 0.95)]}
+    assert verdict[n] != UNDECIDED and verdict.get(n - 1, UNDECIDED) == UNDECIDED
+
+
+def test_pairs_to_decide_by_hand_and_where_no_n_decides():
+    assert pairs_to_decide(0.0, 1.0, "equivalent", 1.0, 0.95) == 7  # t_{.975,6}/√7 = 0.925 < 1 < t_{.975,5}/√6
+    assert pairs_to_decide(1.0, 2.0, "equivalent", 1.0, 0.95) is None  # a mean on the margin: never
+    assert pairs_to_decide(0.5, 100.0, "equivalent", 1.0, 0.95) is None  # beyond MOST_PAIRS
+    assert pairs_to_decide(math.nan, math.nan, "not_worse", 1.0, 0.95) is None
+
+
+def test_only_an_undecided_comparison_gets_pairs_to_decide():
+    records = [r for i, d in enumerate([3.0, -2.0, 1.0, 0.5, 5.0, 5.2, 4.9, 5.1])
+               for r in (record("a", "mrpc" if i < 4 else "stsb", i, 0.5 + d / 100),
+                         record("b", "mrpc" if i < 4 else "stsb", i, 0.5))]
+    claims = [Claim(t, "toy", "toy", "A", ("B",), "equivalent", (t,)) for t in ("MRPC", "STS-B")]
+    got = evaluate(claims, [SPEC], records, margin=1.0, confidence=0.95)
+    assert got.verdict.tolist() == [UNDECIDED, NOT_REPRODUCED]
+    assert got.pairs_to_decide.tolist()[0] == pairs_to_decide(0.625, got["std"][0], "equivalent", 1.0, 0.95)
+    assert pd.isna(got.pairs_to_decide[1])
+    assert f"| undecided | {got.pairs_to_decide[0]} |" in render_md(got, 1.0, 0.95)
 
 
 def test_a_claim_over_several_comparisons():
