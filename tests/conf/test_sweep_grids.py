@@ -46,7 +46,7 @@ NEW = {
         "protocol/lora_pissa_seeds", "protocol/speft_gradient_seeds", "protocol/spsft_qm_taylor",
         "protocol/spsft_l2_mlp", "protocol/full_lr", "protocol/speft_gradient_static_local_seeds",
         "protocol/speft_gradient_dynamic_seeds", "protocol/lora_lr", "protocol/speft_gradient_lr",
-        "protocol/speft_other_metrics_seeds", "protocol/speft_reference_grasp_synflow",
+        "protocol/spsft_seeds", "protocol/speft_other_metrics_seeds", "protocol/speft_reference_grasp_synflow",
         "protocol/speft_reference_fisher"],
     "results-mrpc": ["mrpc_full/lora", "mrpc_full/speft_gradient", "mrpc_full/spsft", "mrpc_full/spsft_taylor_mlp"],
     "results-llm": ["llm/commonsense_pretrained_lora", "llm/commonsense_speft", "llm/commonsense_spsft",
