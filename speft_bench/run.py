@@ -215,6 +215,7 @@ def run(cfg: DictConfig, run_dir: Path, command: str | None = None) -> dict[str,
     typed = validate(cfg)  # before anything heavy: a bad value fails in milliseconds
     spec_model, spec_train = typed["model"], typed["train"]
     config = records.resolved_config(cfg)
+    environment = records.environment()  # the code version that runs: a commit made while it trains is not it
     record: dict[str, Any] = {"status": "running", "command": command, "run_dir": str(run_dir),
                               "config_hash": records.config_hash(config), "config": config}
     timer = PhaseTimer()
@@ -268,7 +269,7 @@ def run(cfg: DictConfig, run_dir: Path, command: str | None = None) -> dict[str,
     record["time_s"] = dict(timer) | {"total": round(sum(timer.values()), 3) if known else None}
     record["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     record["device"] = device_record(device)
-    record["environment"] = records.environment()
+    record["environment"] = environment
     records.write_json_atomic(run_dir / records.RECORD_NAME, record)
     if record["status"] == "completed":  # the record and the adapter are the result now
         checkpoints.remove_all(output_dir)

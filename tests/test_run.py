@@ -87,6 +87,25 @@ def test_same_config_and_seed_give_bit_identical_results(tmp_path):
     assert c["train"]["loss_curve"] != a["train"]["loss_curve"] and c["config_hash"] != a["config_hash"]
 
 
+def test_the_record_names_the_code_version_the_run_started_on(tmp_path, monkeypatch):
+    """A commit made while a run trains (a sweep beside development) is not the code that ran."""
+    import speft_bench.records as records
+    import speft_bench.run as recipe
+
+    head = {"commit": "started-on"}
+    monkeypatch.setattr(records, "git_state", lambda *a, **k: dict(head))
+    train = recipe.train
+
+    def train_then_commit(*args, **kwargs):
+        out = train(*args, **kwargs)
+        head["commit"] = "committed-meanwhile"
+        return out
+
+    monkeypatch.setattr(recipe, "train", train_then_commit)
+    record = run(compose_config("method=head", "debug=tiny", "task=mrpc"), tmp_path)
+    assert record["status"] == "completed" and record["environment"]["git"] == {"commit": "started-on"}
+
+
 @pytest.mark.slow
 def test_regression_task_trains_a_regression_head(tmp_path):
     record = run(compose_config("method=head", "debug=tiny", "task=stsb"), tmp_path)
