@@ -22,8 +22,10 @@ from speft_bench.tables import (
     load_paper,
     load_records,
     load_specs,
+    matches,
     paper_value,
     render,
+    result_configs,
     write_tables,
 )
 from tests.helpers import CONF, ROOT
@@ -136,11 +138,14 @@ def test_the_protocols_lr_runs_fill_the_lr_table_and_no_twin_cell():
     for name in ("speft_salience", "speft_masking", "spsft_glue"):
         before, after = (build_table(specs[name], records, paper) for records in (others, committed))
         pd.testing.assert_frame_equal(before, after)
-    lr = build_table(specs["lr_sensitivity"], committed, paper).set_index(["row", "column"])
-    for r in lr_runs:
-        config = r["config"]
-        row = f"{'LoRA' if config['method']['name'] == 'lora' else 'Gradient'}, lr {config['train']['lr']:.0e}"
-        cell = lr.loc[(row.replace("e-0", "e-"), config["task"]["name"].upper())]
+    spec = specs["lr_sensitivity"]
+    lr = build_table(spec, committed, paper).set_index(["row", "column"])
+    flat = result_configs(spec, lr_runs)
+    assert len(flat) == len(lr_runs)
+    for config, r in flat:
+        [row] = [row.label for row in spec.rows if matches(config, row.select)]
+        [column] = [c.label for c in spec.columns if c.task == config["task.name"]]
+        cell = lr.loc[(row, column)]
         assert cell["n"] == 1 and cell["mean"] == pytest.approx(100 * r["metrics"]["accuracy"])
     assert lr.loc[("LoRA, lr 5e-4", "MRPC"), "n"] >= 3  # the twin's seeds 0-2
 
