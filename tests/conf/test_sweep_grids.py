@@ -46,8 +46,8 @@ NEW = {
         "protocol/lora_pissa_seeds", "protocol/speft_gradient_seeds", "protocol/spsft_qm_taylor",
         "protocol/spsft_l2_mlp", "protocol/full_lr", "protocol/speft_gradient_static_local_seeds",
         "protocol/speft_gradient_dynamic_seeds", "protocol/lora_lr", "protocol/speft_gradient_lr",
-        "protocol/spsft_seeds", "protocol/speft_other_metrics_seeds", "protocol/speft_reference_grasp_synflow",
-        "protocol/speft_reference_fisher"],
+        "protocol/spsft_seeds", "protocol/speft_reference_grasp_synflow", "protocol/speft_reference_fisher",
+        "protocol/speft_other_metrics_seeds"],
     "results-mrpc": ["mrpc_full/lora", "mrpc_full/speft_gradient", "mrpc_full/spsft", "mrpc_full/spsft_taylor_mlp"],
     "results-llm": ["llm/commonsense_pretrained_lora", "llm/commonsense_speft", "llm/commonsense_spsft",
                     "llm/gsm8k_pretrained_lora", "llm/gsm8k_speft", "llm/gsm8k_spsft"],
@@ -150,6 +150,15 @@ def test_the_shortcut_composes_as_hydra_does(sweeps):
         for job in (jobs[0], jobs[-1]):
             fast, full = sweeps.config(command, job), slow.config(command, job)
             assert records.resolved_config(fast) == records.resolved_config(full)
+
+
+@pytest.mark.parametrize("grid", NEW["sweep-cpu-protocol"])
+def test_the_protocol_grids_run_every_seed_before_the_next(sweeps, grid):
+    """Seed-major (cpu_minilm_glue's key order): a resumed sweep gives each claim its next pair of every task
+    before any claim gets a further seed."""
+    seeds = [int(o.split("=")[1]) for job in sweeps.jobs(new_command("sweep-cpu-protocol", grid))
+             for o in job if o.startswith("train.seed=")]
+    assert seeds == sorted(seeds)
 
 
 def test_the_old_reference_lines_failed_in_hydra_before_any_job(sweeps):
