@@ -175,12 +175,30 @@ def _pairs(verdict: str, n: int, needed) -> str:
     return f"> {MOST_PAIRS}" if pd.isna(needed) else str(needed)
 
 
+def _in_brief(line) -> str:
+    if line.n < 2:
+        return f"{line.comparison}: {'no pairs' if line.n == 0 else '1 pair'}"
+    needed = _pairs(line.verdict, line.n, line.pairs_to_decide)
+    return (f"{line.comparison} ({line.n}: {line.mean:+.2f} [{line.low:+.2f}, {line.high:+.2f}]"
+            f"{'' if needed == '—' else '; ' + needed})")
+
+
+def render_summary(table: pd.DataFrame, confidence: float) -> str:
+    """Markdown: a line per claim with its verdict and, per comparison, n, mean [CI] and pairs to decide."""
+    out = [f"| Claim | Verdict | Comparisons (n pairs: mean diff [{confidence:.0%} CI]; pairs to decide) |",
+           "| :--- | :--- | :--- |"]
+    for claim, group in table.groupby("claim", sort=False):
+        brief = "; ".join(_in_brief(line) for line in group.itertuples())
+        out.append(f"| {claim} | {overall(group.verdict)} | {brief} |")
+    return "\n".join(out)
+
+
 def render_md(table: pd.DataFrame, margin: float, confidence: float) -> str:
-    """Markdown: per claim its verdict, then a line per comparison with the test's numbers."""
+    """Markdown: the summary, then per claim its verdict and a line per comparison with the test's numbers."""
     out = [f"Paired differences ours(a) − ours(b), ×100, over the (task, seed) runs both rows completed; "
            f"{confidence:.0%} t-interval of the mean; margin ±{margin:g} points (speft_bench/claims.py). "
            f"Pairs to decide: how many pairs an undecided comparison would need if its mean and std stayed as "
-           f"measured (> {MOST_PAIRS}: more than any sweep here).\n"]
+           f"measured (> {MOST_PAIRS}: more than any sweep here).\n", render_summary(table, confidence), ""]
     for claim, group in table.groupby("claim", sort=False):
         out.append(f"**{claim}** ({group.source.iloc[0]}): **{overall(group.verdict)}**\n")
         out.append("| Comparison | Tasks | Seeds | n | Mean diff | Std | CI | p | Verdict | Pairs to decide |")

@@ -19,6 +19,7 @@ from speft_bench.claims import (
     pairs,
     pairs_to_decide,
     render_md,
+    render_summary,
 )
 from speft_bench.tables import TABLES_CONF, Column, Row, TableSpec, load_specs
 
@@ -122,6 +123,24 @@ def test_only_an_undecided_comparison_gets_pairs_to_decide():
     assert got.pairs_to_decide.tolist()[0] == pairs_to_decide(0.625, got["std"][0], "equivalent", 1.0, 0.95)
     assert pd.isna(got.pairs_to_decide[1])
     assert f"| undecided | {got.pairs_to_decide[0]} |" in render_md(got, 1.0, 0.95)
+
+
+def test_the_summary_gives_each_claim_a_line_with_its_numbers():
+    diffs = {"mrpc": [3.0, -2.0, 1.0, 0.6], "stsb": [5.0, 5.2, 4.9, 5.1]}
+    records = [r for task, ds in diffs.items() for seed, d in enumerate(ds)
+               for r in (record("a", task, seed, 0.5 + d / 100), record("b", task, seed, 0.5))]
+    claims = [Claim(t, "toy", "toy", "A", ("B",), "equivalent", (t,)) for t in ("MRPC", "STS-B")]
+    got = evaluate(claims, [SPEC], records, margin=1.0, confidence=0.95)
+    # by hand: MRPC mean 0.65, std 2.0551, half-width t(0.975, 3) 3.1824 × 2.0551 / 2 = 3.2701;
+    # STS-B mean 5.05, std 0.1291, half-width 0.2054
+    assert render_summary(got, 0.95).splitlines() == [
+        "| Claim | Verdict | Comparisons (n pairs: mean diff [95% CI]; pairs to decide) |",
+        "| :--- | :--- | :--- |",
+        f"| MRPC | undecided | A ≈ B (4: +0.65 [-2.62, +3.92]; {got.pairs_to_decide[0]}) |",
+        "| STS-B | not reproduced | A ≈ B (4: +5.05 [+4.84, +5.26]) |"]
+    assert render_summary(got, 0.95) in render_md(got, 1.0, 0.95)
+    none = evaluate(claims[:1], [SPEC], [], margin=1.0, confidence=0.95)
+    assert render_summary(none, 0.95).splitlines()[2] == "| MRPC | undecided | A ≈ B: no pairs |"
 
 
 def test_a_claim_over_several_comparisons():
