@@ -31,6 +31,7 @@ depths the report fits them too: seconds per block, against LoRA's.  ``--salienc
 adds, per depth, the peak of that SPEFT salience metric on the same batch (the unadapted model,
 ``method.calibration_micro_batch=1``), to set against the SPEFT training peak.  Rows are appended to
 ``--out`` as they finish; a rerun skips the (model, precision, depth, variant, ablation) rows it holds.
+One file holds one batch (B × T): a command with another is refused, since a file's rows are compared.
 """
 
 from __future__ import annotations
@@ -260,6 +261,14 @@ def same(row: dict, **fields) -> bool:
     return "error" not in row and all(row.get(k, "none" if k == "ablate" else None) == v for k, v in fields.items())
 
 
+def check_batch(rows: list[dict], batch: str, out: Path) -> None:
+    """A file's rows are set against each other (ratios, fits), so they must share one batch (``BxT``)."""
+    held = sorted({r["batch"] for r in rows if "batch" in r} - {batch})
+    if held:
+        raise ValueError(f"--batch-size/--seq-len: {out} holds rows at batch {', '.join(held)} (B x T tokens), "
+                         f"not {batch}; give this batch its own --out")
+
+
 def gb(mb: float | None) -> str:
     return "—" if mb is None else f"{mb / 1024:.2f}"
 
@@ -282,7 +291,9 @@ def depth_fits(rows: list[dict]) -> dict:
 
 
 def report(rows: list[dict]) -> str:
-    lines = ["| model | precision | method | ablation | N | trainable | s/step | × LoRA s | mem_M GB | mem_TTL GB "
+    batches = sorted({r["batch"] for r in rows if "batch" in r})
+    lines = [f"Batch (B x T tokens): {', '.join(batches) or 'not recorded'}\n",
+             "| model | precision | method | ablation | N | trainable | s/step | × LoRA s | mem_M GB | mem_TTL GB "
              "| mem GB | × LoRA mem | saved act. GB | grads GB | optimizer GB |",
              "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -459,6 +470,11 @@ def main() -> None:
         if unknown:
             parser.error(f"--salience: {', '.join(unknown)} not known; allowed: {', '.join(SALIENCE_METRICS.names())}")
     rows = json.loads(args.out.read_text())["rows"] if args.out.exists() else []
+    batch = f"{args.batch_size}x{args.seq_len}"
+    try:
+        check_batch(rows, batch, args.out)
+    except ValueError as err:
+        parser.error(str(err))
     command = "python scripts/bench_paper_shape.py " + " ".join(argv)
     jobs = [(model, prec, layers, variant, ablate) for model in args.models for prec in args.precisions
             for layers in args.layers
@@ -474,7 +490,7 @@ def main() -> None:
         except RuntimeError as err:  # e.g. out of memory: the row says so, the others still run
             row = {"error": str(err)[:120]}
         rows.append(key | row | {"command": command, "machine": machine(), "threads": args.threads,
-                                 "steps": args.steps, "batch": f"{args.batch_size}x{args.seq_len}"})
+                                 "steps": args.steps, "batch": batch})
         tqdm.write(json.dumps(rows[-1]))
         args.out.parent.mkdir(parents=True, exist_ok=True)
         # after every row, atomically: a killed bench keeps what it measured

@@ -18,9 +18,9 @@ start=$(date +%s)
 # bf16 product at Llama3's vocabulary; the tests marked gpu rehearse bf16 and bf16-mixed training
 if [ "${REHEARSE:-0}" = 1 ]; then
   export SPEFT_TEST_DEVICE=cpu; SHAPE="--layers 1 --seq-len 64 --steps 1 --device cpu"; LAST="--precisions fp32"
-  BUDGET=3600
+  SPEFT_BATCH="--batch-size 2"; BUDGET=3600
 else
-  SHAPE="--layers 32 --steps 2 --device cuda"; LAST=""; BUDGET=520
+  SHAPE="--layers 32 --steps 2 --device cuda"; LAST=""; SPEFT_BATCH="--batch-size 16 --seq-len 512"; BUDGET=520
 fi
 python - <<'PY' || pip install --no-index --find-links wheelhouse -q hydra-core omegaconf hydra-submitit-launcher pytest
 import hydra, omegaconf, hydra_plugins.hydra_submitit_launcher, pytest  # noqa: F401
@@ -32,9 +32,12 @@ timeout 300 python -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py --j
   > "$OUT/gpu_tests.log" 2>&1
 tests_rc=$?
 # The paper-shape bench at full depth, most decisive first (issue 14): SPSFT Table 7's Llama2-7B column
-# (fp32); SPEFT vs LoRA r=64 and each salience metric's peak at the Llama3-8B shape in bf16 (the SPEFT
-# paper's setting); Table 7's Llama3-8B column. Each command resumes the same JSON, which gets every row as
-# it finishes, and has what is left of the script's 520 s (BUDGET).
+# (fp32); SPEFT vs LoRA r=64 and each salience metric's peak at the Llama3-8B shape in bf16 (issue 14's
+# "SPEFT paper's setting", at Table 7's 1 × 2,048 tokens); Table 7's Llama3-8B column; then those SPEFT rows
+# at the SPEFT paper's own Llama3-8B batch, 16 × 512 tokens (its Table 8: CodeFeedback, max length 512), in
+# a JSON of their own (one batch a file). Each command resumes its JSON, which gets every row as it
+# finishes, and has what is left of the script's 520 s (BUDGET).
+# bench ARGS: one bench command into $OUT/paper_shape.json (a later --out in ARGS wins: argparse keeps the last)
 bench() {
   local left=$((BUDGET - ($(date +%s) - start)))
   [ "$left" -gt 30 ] || return 124
@@ -47,6 +50,8 @@ bench --models llama2_7b --precisions fp32 --variants $TABLE7 || bench_rc=$?
 bench --models llama3_8b --precisions bf16 --variants floor lora speft_sampled speft_dense \
   --salience magnitude gradient fisher synflow grasp || bench_rc=$?
 bench --models llama3_8b --precisions fp32 --variants $TABLE7 || bench_rc=$?
+bench --models llama3_8b --precisions bf16 --variants lora speft_sampled speft_dense \
+  --salience gradient grasp magnitude fisher synflow $SPEFT_BATCH --out "$OUT/paper_shape_speft_batch.json" || bench_rc=$?
 printf '{"tests_rc": %s, "bench_rc": "%s", "wall_s": %s}\n' "$tests_rc" "$bench_rc" "$(( $(date +%s) - start ))" \
   | tee "$OUT/summary.json"
 tail -3 "$OUT/gpu_tests.log"

@@ -92,3 +92,11 @@ def test_step_time_is_fitted_per_block_against_loras(bench):
     assert "| llama2_7b | fp32 | lora | none | 1, 2, 4 | 10.00 | 2.00 (+0.00, +0.00, +0.00) | 1.00 |" in text
     assert "| llama2_7b | fp32 | speft_sampled | none | 1, 2, 4 | 12.00 | 2.20 (+0.00, +0.00, +0.00) | 1.10 |" in text
     assert "| llama2_7b | fp32 | spsft | none | 1, 2 |" not in text.split("Step time per block")[1]
+
+
+def test_one_file_holds_one_batch(bench, tmp_path):
+    rows = [row("lora", 1, 1024.0) | {"batch": "1x2048"}, row("lora", 2, 2048.0)]  # the second: before batches
+    bench.check_batch(rows, "1x2048", tmp_path / "a.json")
+    with pytest.raises(ValueError, match=r"--batch-size/--seq-len: .*a\.json holds rows at batch 1x2048 .*not 16x512"):
+        bench.check_batch(rows, "16x512", tmp_path / "a.json")
+    assert bench.report(rows).startswith("Batch (B x T tokens): 1x2048\n")
