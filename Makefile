@@ -14,9 +14,12 @@ SWEEP = $(PY) -m speft_bench --multirun
 # $(call sweeps,<folder>,<grids>): each grid of conf/experiment/sweeps/<folder>/ in turn into results/cpu,
 # stopping at the first that fails
 sweeps = for grid in $(2); do $(SWEEP) experiment=sweeps/$(1)/$$grid $(CPU_RUNS) || exit 1; done
-# $(call status,<folder>,<grids>): per grid, how many of its jobs have a completed record (hydra/launcher=status)
+# $(call status,<folder>,<grids>): per grid, how many of its jobs have a completed record (hydra/launcher=status),
+# then the folder's total; a grid that fails to compose prints "failed" and fails the target
 status = for grid in $(2); do printf '%-50s' "$(1)/$$grid:"; $(SWEEP) experiment=sweeps/$(1)/$$grid $(CPU_RUNS) \
-	hydra/launcher=status 2>&1 | grep -o '[0-9]* of [0-9]* jobs have.*to run' || exit 1; done
+	hydra/launcher=status 2>&1 | grep -o '[0-9]* of [0-9]* jobs have.*to run' || { echo failed; break; }; done \
+	| awk '{print} / of / {for (i = 2; i < NF; i++) if ($$i == "of") {done += $$(i - 1); all += $$(i + 1)}} \
+	/failed$$/ {bad = 1} END {printf "%-50s%d of %d jobs have a completed record\n", "$(1), all grids:", done, all; exit bad}'
 TABLE1_GRIDS = lora_pissa speft
 TABLE4_GRIDS = static dynamic
 SPSFT_GRIDS = l2_taylor head

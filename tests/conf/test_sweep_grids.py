@@ -190,3 +190,30 @@ def grids_of(line: str) -> list[str]:
     if loop:
         return [f"{loop[2]}/{grid}" for grid in loop[1].split()]
     return [re.search(r"experiment=sweeps/(\S+)", line).group(1)]
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_sweep_status_totals_each_target_and_fails_on_a_grid_that_fails(tmp_path):
+    """The Makefile's status loop and total, with a stand-in for the harness that counts 3 of 4 jobs done
+    for every grid but one named ``broken`` (no count: Hydra failed)."""
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\ncase "$*" in *broken*) echo "Error";; *) echo "3 of 4 jobs have a completed record'
+                    ' of their config; 1 to run";; esac\n')
+    fake.chmod(0o755)
+
+    def status(*grids):
+        return subprocess.run(["make", "-s", "sweep-status", f"PY={fake}", *grids], cwd=ROOT, capture_output=True,
+                              text=True)
+
+    done = status()
+    assert done.returncode == 0
+    totals = [line for line in done.stdout.splitlines() if "all grids:" in line]
+    assert [" ".join(line.split()) for line in totals] == [
+        f"{folder}, all grids: {3 * n} of {4 * n} jobs have a completed record"
+        for folder, n in (("speft_table1", 2), ("speft_table4", 2), ("spsft", 2),
+                          ("protocol", len(NEW["sweep-cpu-protocol"])))]
+    broken = status("TABLE1_GRIDS=lora_pissa broken speft")
+    assert broken.returncode != 0
+    assert [" ".join(line.split()) for line in broken.stdout.splitlines()] == [
+        "speft_table1/lora_pissa: 3 of 4 jobs have a completed record of their config; 1 to run",
+        "speft_table1/broken: failed", "speft_table1, all grids: 3 of 4 jobs have a completed record"]
