@@ -84,12 +84,13 @@ sweep-cpu-spsft:  ## CPU twin of SPSFT Tables 3/5: SPSFT (l2, taylor, qm_taylor,
 # The papers' protocol on the twins (issue 15): 3 seeds on the four tasks that rank anything (CoLA's MCC
 # is ~0 for every method at this budget, so it stays at seed 0), an lr check, the missing SPSFT rows;
 # most decisive first, the SPSFT twin's last 7 runs early (they complete a table), the reference variants
-# (whose claims had no pair yet) before the other metrics' seeds. 2 jobs × 1 thread
+# (whose claims had no pair yet) before the other metrics' seeds, and GRaSP's and SynFlow's seeds 1-2 in
+# both variants side by side (a pair needs both). 2 jobs × 1 thread
 # (hydra/launcher=local train.num_threads=1, in each config): 1.32× the runs per hour of 1 × 2
 # (results/bench/sweep_throughput.json).
 PROTOCOL_GRIDS = lora_pissa_seeds speft_gradient_seeds spsft_qm_taylor spsft_l2_mlp full_lr \
 	speft_gradient_static_local_seeds speft_gradient_dynamic_seeds lora_lr speft_gradient_lr spsft_seeds \
-	speft_reference_grasp_synflow speft_reference_fisher speft_other_metrics_seeds
+	speft_reference_grasp_synflow speft_grasp_synflow_seeds speft_reference_fisher speft_other_metrics_seeds
 sweep-cpu-protocol:  ## seeds 1-2 of the Table 1/4 twins, lr sensitivity, SPSFT QM-Taylor/MLP-only/Full (resumable, hours)
 	$(call sweeps,protocol,$(PROTOCOL_GRIDS))
 

@@ -46,8 +46,8 @@ NEW = {
         "protocol/lora_pissa_seeds", "protocol/speft_gradient_seeds", "protocol/spsft_qm_taylor",
         "protocol/spsft_l2_mlp", "protocol/full_lr", "protocol/speft_gradient_static_local_seeds",
         "protocol/speft_gradient_dynamic_seeds", "protocol/lora_lr", "protocol/speft_gradient_lr",
-        "protocol/spsft_seeds", "protocol/speft_reference_grasp_synflow", "protocol/speft_reference_fisher",
-        "protocol/speft_other_metrics_seeds"],
+        "protocol/spsft_seeds", "protocol/speft_reference_grasp_synflow", "protocol/speft_grasp_synflow_seeds",
+        "protocol/speft_reference_fisher", "protocol/speft_other_metrics_seeds"],
     "results-mrpc": ["mrpc_full/lora", "mrpc_full/speft_gradient", "mrpc_full/spsft", "mrpc_full/spsft_taylor_mlp"],
     "results-llm": ["llm/commonsense_pretrained_lora", "llm/commonsense_speft", "llm/commonsense_spsft",
                     "llm/gsm8k_pretrained_lora", "llm/gsm8k_speft", "llm/gsm8k_spsft"],
@@ -159,6 +159,21 @@ def test_the_protocol_grids_run_every_seed_before_the_next(sweeps, grid):
     seeds = [int(o.split("=")[1]) for job in sweeps.jobs(new_command("sweep-cpu-protocol", grid))
              for o in job if o.startswith("train.seed=")]
     assert seeds == sorted(seeds)
+
+
+@pytest.mark.slow
+def test_grasp_and_synflow_seeds_regrouped_run_the_same_jobs(sweeps):
+    """GRaSP's and SynFlow's seeds 1-2, paper and reference variants, moved into one grid (a pair needs both):
+    by config hash the three grids run what the reference grid (seeds 0-2) and the 7 other metrics' seed grid
+    ran before, so the records either wrote count for both."""
+    grids = ("speft_reference_grasp_synflow", "speft_grasp_synflow_seeds", "speft_other_metrics_seeds")
+    new = [h for grid in grids for h in sweeps.hashes(new_command("sweep-cpu-protocol", f"protocol/{grid}"))]
+    old = sweeps.hashes([*new_command("sweep-cpu-protocol", "protocol/speft_reference_grasp_synflow"),
+                         "train.seed=0,1,2"])
+    old += sweeps.hashes(f"{PROTOCOL} method=speft metric=synflow,force,snip,fisher,grasp,taylor_fo,magnitude "
+                         f"{SEEDS}".split())
+    assert len(set(new)) == len(new) == 8 + 32 + 40
+    assert sorted(new) == sorted(old)
 
 
 def test_the_old_reference_lines_failed_in_hydra_before_any_job(sweeps):
