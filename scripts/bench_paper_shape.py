@@ -261,9 +261,14 @@ def same(row: dict, **fields) -> bool:
     return "error" not in row and all(row.get(k, "none" if k == "ablate" else None) == v for k, v in fields.items())
 
 
+def batches(rows: list[dict]) -> list[str]:
+    """The batches (``BxT``) the rows were measured at; rows from before the field say none."""
+    return sorted({r["batch"] for r in rows if "batch" in r})
+
+
 def check_batch(rows: list[dict], batch: str, out: Path) -> None:
     """A file's rows are set against each other (ratios, fits), so they must share one batch (``BxT``)."""
-    held = sorted({r["batch"] for r in rows if "batch" in r} - {batch})
+    held = [b for b in batches(rows) if b != batch]
     if held:
         raise ValueError(f"--batch-size/--seq-len: {out} holds rows at batch {', '.join(held)} (B x T tokens), "
                          f"not {batch}; give this batch its own --out")
@@ -291,8 +296,7 @@ def depth_fits(rows: list[dict]) -> dict:
 
 
 def report(rows: list[dict]) -> str:
-    batches = sorted({r["batch"] for r in rows if "batch" in r})
-    lines = [f"Batch (B x T tokens): {', '.join(batches) or 'not recorded'}\n",
+    lines = [f"Batch (B x T tokens): {', '.join(batches(rows)) or 'not recorded'}\n",
              "| model | precision | method | ablation | N | trainable | s/step | × LoRA s | mem_M GB | mem_TTL GB "
              "| mem GB | × LoRA mem | saved act. GB | grads GB | optimizer GB |",
              "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

@@ -175,12 +175,15 @@ def _pairs(verdict: str, n: int, needed) -> str:
     return f"> {MOST_PAIRS}" if pd.isna(needed) else str(needed)
 
 
+def _ci(line) -> str:
+    return "—" if math.isnan(line.low) else f"[{line.low:+.2f}, {line.high:+.2f}]"
+
+
 def _in_brief(line) -> str:
     if line.n < 2:
         return f"{line.comparison}: {'no pairs' if line.n == 0 else '1 pair'}"
     needed = _pairs(line.verdict, line.n, line.pairs_to_decide)
-    return (f"{line.comparison} ({line.n}: {line.mean:+.2f} [{line.low:+.2f}, {line.high:+.2f}]"
-            f"{'' if needed == '—' else '; ' + needed})")
+    return f"{line.comparison} ({line.n}: {line.mean:+.2f} {_ci(line)}{'' if needed == '—' else '; ' + needed})"
 
 
 def render_summary(table: pd.DataFrame, confidence: float) -> str:
@@ -204,9 +207,8 @@ def render_md(table: pd.DataFrame, margin: float, confidence: float) -> str:
         out.append("| Comparison | Tasks | Seeds | n | Mean diff | Std | CI | p | Verdict | Pairs to decide |")
         out.append("| :--- | :--- | :--- | ---: | ---: | ---: | ---: | ---: | :--- | ---: |")
         for line in group.itertuples():
-            ci = "—" if math.isnan(line.low) else f"[{line.low:+.2f}, {line.high:+.2f}]"
             out.append(f"| {line.comparison} | {line.tasks or '—'} | {line.seeds or '—'} | {line.n} "
-                       f"| {_num(line.mean)} | {_num(line.std, '.2f')} | {ci} | {_num(line.p, '.3f')} "
+                       f"| {_num(line.mean)} | {_num(line.std, '.2f')} | {_ci(line)} | {_num(line.p, '.3f')} "
                        f"| {line.verdict} | {_pairs(line.verdict, line.n, line.pairs_to_decide)} |")
         out.append("")
     return "\n".join(out)

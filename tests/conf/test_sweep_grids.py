@@ -217,9 +217,9 @@ def test_sweep_status_totals_each_target_and_fails_on_a_grid_that_fails(tmp_path
                     ' of their config; 1 to run";; esac\n')
     fake.chmod(0o755)
 
-    def status(*grids):
-        return subprocess.run(["make", "-s", "sweep-status", f"PY={fake}", *grids], cwd=ROOT, capture_output=True,
-                              text=True)
+    def status(*variables):
+        return subprocess.run(["make", "-s", "sweep-status", f"PY={fake}", *variables], cwd=ROOT,
+                              capture_output=True, text=True)
 
     done = status()
     assert done.returncode == 0
