@@ -16,8 +16,8 @@ os.environ.update(
     TOKENIZERS_PARALLELISM="false",
 )
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # One core per worker (`make test` runs 2): torch's OpenMP threads spin-wait, and 2 workers of 2 threads
-    # each on 2 cores took 719 s against 509 s for one process; at one thread each, 322 s.
+    # One core per worker (the Makefile's TEST_WORKERS): torch's OpenMP threads spin-wait, and 2 workers of
+    # 2 threads each on 2 cores took 719 s against 509 s for one process; at one thread each, 322 s.
     os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest  # noqa: E402
