@@ -21,8 +21,14 @@ On a signal the run then stops: its record says ``status: interrupted`` with the
 and the signal is handed to the handler it displaced (by default: the process ends with it; under
 submitit, its requeue).  A rerun of the same config (same config hash) with ``resume=true`` continues
 from the latest checkpoint of that hash under ``paths.output_dir``, in whichever run folder, and says so
-(``train.resumed_from``, ``train.resumed_checkpoint``).  A completed run deletes the checkpoints of its
-config hash: the record and the adapter are the result.
+(``train.resumed_from``, ``train.resumed_checkpoint``).
+
+The first selection (SPEFT's first mask, SPSFT's rows), the costly part of ``prepare()`` (GRaSP's double
+backward, Fisher's per-example passes), is written to ``<run_dir>/selection.pt`` as soon as it is computed,
+with its cost and the RNG states after it.  A rerun of the same config with ``resume=true`` takes it from
+there instead of computing it again (``Checkpoints.first_selection``): a run killed before its first
+checkpoint, or during one, loses its training steps but not its salience.  A completed run deletes the
+checkpoints and selections of its config hash: the record and the adapter are the result.
 """
 
 from __future__ import annotations
@@ -31,13 +37,14 @@ import logging
 import random
 import signal
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from speft_bench import records
 from speft_bench.errors import ConfigError
@@ -50,6 +57,8 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"  # git-ignored (*.pt)
 FORMAT = "speft-bench-checkpoint/1"
+SELECTION_NAME = "selection.pt"  # git-ignored (*.pt)
+FORMATS = {CHECKPOINT_NAME: FORMAT, SELECTION_NAME: "speft-bench-selection/1"}
 # SLURM sends SIGTERM on scancel and at the time limit, a --signal=USR1@T warning before it; submitit's
 # preemption/time-limit signal is USR2 (SUBMITIT_PREEMPT_SIGNAL). Ctrl-C stops a run the same way; a second
 # Ctrl-C stops it at once (StopSignals._note).
@@ -187,28 +196,31 @@ class StopSignals:
 
 
 def _header(path: Path) -> dict[str, Any] | None:
-    """A checkpoint's contents, memory-mapped (its tensors are read only when used); None if unreadable."""
+    """A checkpoint's (or selection's) contents, memory-mapped (its tensors are read only when used); None if
+    unreadable or not of the format its file name says."""
     try:
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as err:  # noqa: BLE001 (any unreadable file is skipped, with a warning)
         log.warning("ignoring unreadable checkpoint %s: %s", path, err)
         return None
-    return state if isinstance(state, dict) and state.get("format") == FORMAT else None
+    return state if isinstance(state, dict) and state.get("format") == FORMATS[path.name] else None
 
 
-def of_config(root: Path, config_hash: str) -> list[tuple[int, Path]]:
-    """``(step, path)`` of every checkpoint of ``config_hash`` under ``root``, latest step last."""
+def of_config(root: Path, config_hash: str, name: str = CHECKPOINT_NAME) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every checkpoint (``name``: or selection, step 0) of ``config_hash`` under ``root``,
+    latest step last."""
     found = []
-    for path in Path(root).rglob(CHECKPOINT_NAME) if Path(root).is_dir() else ():
+    for path in Path(root).rglob(name) if Path(root).is_dir() else ():
         state = _header(path)
         if state is not None and state.get("config_hash") == config_hash:
-            found.append((state["step"], path.stat().st_mtime, path))
+            found.append((state.get("step", 0), path.stat().st_mtime, path))
     return [(step, path) for step, _, path in sorted(found)]
 
 
-def latest(root: Path, config_hash: str) -> Path | None:
-    """The checkpoint of ``config_hash`` under ``root`` with the most steps (the newest among equals), or None."""
-    found = of_config(root, config_hash)
+def latest(root: Path, config_hash: str, name: str = CHECKPOINT_NAME) -> Path | None:
+    """The checkpoint (or selection) of ``config_hash`` under ``root`` with the most steps (the newest among
+    equals), or None."""
+    found = of_config(root, config_hash, name)
     return found[-1][1] if found else None
 
 
@@ -217,12 +229,39 @@ def save_atomic(path: Path, state: dict[str, Any]) -> None:
     records.write_atomic(path, lambda f: torch.save(state, f), binary=True)
 
 
-class Checkpoints:
-    """One run's checkpointing: where it writes, how often, what it resumes from, the signals it stops on."""
+# the first selection and its cost (for the record): SPEFT's mask or SPSFT's rows, by layer
+Selection = tuple[dict[str, Tensor], dict[str, Any]]
 
-    def __init__(self, run_dir: Path, config_hash: str, every: int | None, resume_from: Path | None = None):
-        self.path, self.config_hash, self.every = Path(run_dir) / CHECKPOINT_NAME, config_hash, every
-        self.resume_from, self.signals = resume_from, StopSignals()
+
+class Checkpoints:
+    """One run's checkpointing: where it writes, how often, what it resumes from, the signals it stops on.
+
+    ``search``: the folder (``paths.output_dir``) whose latest checkpoint and selection of ``config_hash``
+    the run resumes from; None (``resume=false``): it starts afresh.
+    """
+
+    def __init__(self, run_dir: Path, config_hash: str, every: int | None, search: Path | None = None):
+        self.run_dir, self.config_hash, self.every = Path(run_dir), config_hash, every
+        self.path, self.search, self.signals = self.run_dir / CHECKPOINT_NAME, search, StopSignals()
+        self.resume_from = latest(search, config_hash) if search is not None else None
+
+    def first_selection(self, compute: Callable[[], Selection], device: torch.device) -> Selection:
+        """``compute()``'s selection (on ``device``) and cost, computed once per config: read from this
+        config's selection file under ``search`` (its cost then says ``reused_from``, and the RNGs are put
+        where computing it left them), else computed and written to ``<run_dir>/selection.pt`` at once."""
+        found = latest(self.search, self.config_hash, SELECTION_NAME) if self.search is not None else None
+        state = _header(found) if found is not None else None
+        if state is not None:
+            set_rng_state(state["rng"])
+            log.info("first selection from %s, not computed again (its cost: %s)", found, state["cost"])
+            # copied out of the memory-mapped file, which the completed run deletes
+            return ({name: t.clone().to(device) for name, t in state["selection"].items()},
+                    dict(state["cost"]) | {"reused_from": str(found)})
+        selection, cost = compute()
+        save_atomic(self.run_dir / SELECTION_NAME, {
+            "format": FORMATS[SELECTION_NAME], "config_hash": self.config_hash,
+            "selection": {name: t.cpu() for name, t in selection.items()}, "cost": cost, "rng": rng_state()})
+        return selection, cost
 
     @property
     def stopped(self) -> bool:
@@ -279,8 +318,10 @@ class Checkpoints:
         return position, state["rng"]
 
     def remove_all(self, root: Path) -> None:
-        """Delete this run's checkpoint and every other of its config under ``root`` (the run completed)."""
-        paths = {self.path} | {path for _, path in of_config(root, self.config_hash)}
+        """Delete this run's checkpoint and selection and every other of its config under ``root`` (the run
+        completed)."""
+        paths = {self.path, self.run_dir / SELECTION_NAME} | {
+            path for name in FORMATS for _, path in of_config(root, self.config_hash, name)}
         for path in paths:
             path.unlink(missing_ok=True)
             for tmp in path.parent.glob(f".{path.name}.*.tmp"):  # left by a kill mid-save (records.write_atomic)

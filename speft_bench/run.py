@@ -13,6 +13,7 @@ import random
 import resource
 import time
 from contextlib import contextmanager, nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from transformers import (
 
 from speft_bench import cluster, precision, records
 from speft_bench.batches import loss_terms, to_device, weighted_pieces
-from speft_bench.checkpoints import Checkpoints, Position, latest, set_rng_state
+from speft_bench.checkpoints import Checkpoints, Position, set_rng_state
 from speft_bench.config import validate
 from speft_bench.device import device_record, reset_peak_memory, resolve_device
 from speft_bench.errors import ConfigError, NonFiniteError
@@ -219,9 +220,9 @@ def run(cfg: DictConfig, run_dir: Path, command: str | None = None) -> dict[str,
     record: dict[str, Any] = {"status": "running", "command": command, "run_dir": str(run_dir),
                               "config_hash": records.config_hash(config), "config": config}
     timer = PhaseTimer()
-    output_dir = Path(typed["paths"].output_dir)  # a checkpoint of this config there (a stopped run's): go on from it
+    output_dir = Path(typed["paths"].output_dir)  # this config's checkpoint or selection there: go on from it
     checkpoints = Checkpoints(run_dir, record["config_hash"], spec_train.checkpoint_every,
-                              latest(output_dir, record["config_hash"]) if cfg.resume else None)
+                              output_dir if cfg.resume else None)
     device = resolve_device(spec_train.device)  # a missing GPU fails here, before anything loads
     record["determinism"] = seed_everything(spec_train)
 
@@ -231,7 +232,8 @@ def run(cfg: DictConfig, run_dir: Path, command: str | None = None) -> dict[str,
     record["model"] = {"name": spec_model.name, "label": spec_model.label, "source": source}
     record["data"] = data.record
 
-    ctx = MethodContext(cfg, typed, calibration_sampler(data.train, data.collate, spec_train.seed, device))
+    ctx = MethodContext(cfg, typed, calibration_sampler(data.train, data.collate, spec_train.seed, device),
+                        partial(checkpoints.first_selection, device=device))  # a rerun's salience: read back
     logger = RunLogger(typed["logger"], config, run_dir)
     try:  # a non-finite salience (prepare) or loss (train) ends the run with a record that says so
         with timer("prepare"):

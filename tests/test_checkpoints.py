@@ -158,6 +158,37 @@ def test_lora_stopped_then_killed_resumes_from_the_latest_checkpoint(tmp_path, m
     assert not list(tmp_path.rglob("checkpoint.pt")) and not list(tmp_path.rglob("*.tmp"))
 
 
+@pytest.mark.parametrize("method, computes", [
+    # calibration in train mode: dropout draws on the RNG, which the rerun must find where salience left it
+    ((*SPEFT, "method.calibration_mode=train"), "speft_bench.methods.speft.method.compute_salience"),
+    (("method=spsft", "metric=taylor", "method.r=8", *CALIBRATION),
+     "speft_bench.methods.spsft.method.neuron_importance"),
+], ids=["speft", "spsft"])
+def test_a_run_killed_before_any_checkpoint_keeps_its_first_selection(tmp_path, monkeypatch, method, computes):
+    """No checkpoint (checkpoint_every=null), killed in step 2: the rerun trains from step 0 on the first
+    selection the killed run wrote, without computing it, and ends bit-identical to an uninterrupted run."""
+    elsewhere = f"paths.output_dir={tmp_path / 'elsewhere'}"
+    reference = run(compose_config(*method, *TINY, elsewhere), tmp_path / "reference")
+    assert not list(tmp_path.rglob("*.pt"))  # a completed run leaves no checkpoint or selection
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        stop_at(patch, 2, killed)
+        resumable(tmp_path, "killed", *method, *TINY)
+    selection = tmp_path / "runs/killed" / checkpoints.SELECTION_NAME
+    assert not list(tmp_path.rglob("checkpoint.pt")) and selection.is_file()
+
+    with monkeypatch.context() as patch:
+        patch.setattr(computes, lambda *a, **k: pytest.fail("the first selection was computed again"))
+        resumed = resumable(tmp_path, "resumed", *method, *TINY)
+    assert resumed["train"]["resumed_from"] is None  # no checkpoint: training restarts, the selection does not
+    calibration = resumed["method"]["calibration"]
+    assert calibration.pop("reused_from") == str(selection) and calibration == reference["method"]["calibration"] | {
+        k: v for k, v in calibration.items() if k.endswith("_s")}  # the killed run's own seconds
+    assert resumed["train"]["loss_curve"] == reference["train"]["loss_curve"]
+    assert resumed["metrics"] == reference["metrics"]
+    assert_same_adapter(resumed, reference)
+    assert not list(tmp_path.rglob("*.pt"))
+
+
 def test_ctrl_c_stops_after_the_step_with_a_checkpoint_and_twice_stops_at_once(tmp_path, monkeypatch, passed_on):
     lora = ("method=lora", *TINY)
     with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):

@@ -12,14 +12,24 @@ from omegaconf import DictConfig
 from torch import nn
 
 
+def compute_now(compute: Callable[[], tuple]) -> tuple:
+    return compute()
+
+
 @dataclass
 class MethodContext:
-    """What a method may use besides the model: the typed config and calibration data."""
+    """What a method may use besides the model: the typed config and calibration data.
+
+    ``first_selection(compute)``: ``compute()``'s ``(selection by layer, cost)``, the method's costly
+    first choice of what trains; a run (``speft_bench.checkpoints``) computes it once per config and a
+    rerun reads it back.  Elsewhere (tests, dry runs, benchmarks) it is computed.
+    """
 
     cfg: DictConfig
     typed: dict[str, Any]  # group -> schema object (see speft_bench.config.validate)
     # (round, n_examples, batch_size) -> training batches; each round draws a fresh sample
     calibration_batches: Callable[[int, int, int], list[dict]]
+    first_selection: Callable[[Callable[[], tuple]], tuple] = compute_now
 
 
 @dataclass

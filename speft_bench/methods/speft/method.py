@@ -158,7 +158,7 @@ class SPEFT(Method):
                 raise ConfigError(str(err)) from None
         choose = MaskChooser(model, ctx, targets, k)
         model.requires_grad_(False)
-        indices, cost = choose(0)
+        indices, cost = ctx.first_selection(partial(choose, 0))
         layers = SPARSE_DELTAS.attach(model, indices, spec.value_grad)
         trainable = {f"{name}.values": layer.values for name, layer in layers.items()}
         if spec.train_head:

@@ -78,19 +78,22 @@ class SPSFT(Method):
         budget = {name: rows_per_layer(spec, name, m.out_features) for name, m in targets.items()}
         options = {key: value for key, value in vars(metric).items() if key != "name"}
 
-        start = time.perf_counter()
-        batches = []
-        if IMPORTANCE[metric.name].needs_data:
-            batches = ctx.calibration_batches(0, spec.calibration_examples, spec.calibration_batch_size)
-            options |= {"calibration_micro_batch": spec.calibration_micro_batch, "mode": spec.calibration_mode}
-        scores = neuron_importance(metric.name, model, {n: m.weight for n, m in targets.items()}, batches, **options)
-        rows = {name: top_rows(scores[name], budget[name]) for name in targets}
-        calibration = {"importance_s": round(time.perf_counter() - start, 3),
-                       "examples": sum(len(b["labels"]) for b in batches)}
-        if IMPORTANCE[metric.name].classification_only:
-            labels = Counter(torch.cat([b["labels"] for b in batches]).tolist())
-            calibration["examples_per_label"] = {str(int(label)): n for label, n in sorted(labels.items())}
+        def choose() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+            start = time.perf_counter()
+            batches, kwargs = [], dict(options)
+            if IMPORTANCE[metric.name].needs_data:
+                batches = ctx.calibration_batches(0, spec.calibration_examples, spec.calibration_batch_size)
+                kwargs |= {"calibration_micro_batch": spec.calibration_micro_batch, "mode": spec.calibration_mode}
+            scores = neuron_importance(metric.name, model, {n: m.weight for n, m in targets.items()}, batches, **kwargs)
+            rows = {name: top_rows(scores[name], budget[name]) for name in targets}
+            cost = {"importance_s": round(time.perf_counter() - start, 3),
+                    "examples": sum(len(b["labels"]) for b in batches)}
+            if IMPORTANCE[metric.name].classification_only:
+                labels = Counter(torch.cat([b["labels"] for b in batches]).tolist())
+                cost["examples_per_label"] = {str(int(label)): n for label, n in sorted(labels.items())}
+            return rows, cost
 
+        rows, calibration = ctx.first_selection(choose)
         layers, groups = attach_trainable_rows(model, targets, rows, spec)
         info: dict[str, Any] = {
             "metric": metric.name,
