@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
         model = merged(trained.model)
         model.save_pretrained(args.merged)
         trained.tokenizer.save_pretrained(args.merged)
+        records.honour_umask(args.merged)
         print(f"merged model written to {args.merged}")
 
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from speft_bench.errors import ConfigError
+from speft_bench.records import honour_umask
 from speft_bench.schemas import ModelInit, ModelSchema, TargetScope, TaskSchema
 
 # Top-level modules that form a sequence-classification head in transformers
@@ -113,6 +114,7 @@ def dequantised_gguf(folder: Path, gguf_file: str, out: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    honour_umask(tmp)  # a cache the project's group shares
     try:
         tmp.rename(out)  # atomic: a killed conversion never leaves a half-written folder behind
     except OSError:  # another process finished first

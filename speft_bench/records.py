@@ -9,8 +9,8 @@ import hashlib
 import json
 import os
 import platform
+import secrets
 import subprocess
-import tempfile
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -104,11 +104,24 @@ def environment() -> dict[str, Any]:
     }
 
 
+def honour_umask(root: Path) -> None:
+    """Give ``root`` and, if a folder, everything under it the modes ``open()`` and ``mkdir()`` would (0o666,
+    0o777, less the umask): safetensors (adapters, ``save_pretrained``) writes 0600 files and ``mkdtemp``
+    0700 folders, which would hide a run's weights or a shared model cache from the project's group."""
+    mask = os.umask(0o022)  # Python < 3.13 can only read the umask by setting it: put it back at once
+    os.umask(mask)
+    root = Path(root)
+    for path in [root, *root.rglob("*")] if root.is_dir() else [root]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def write_atomic(path: Path, write: Callable[[Any], None], binary: bool = False) -> None:
     """``write(file)`` into a temp file beside ``path``, fsync, rename over ``path``: a reader (or a run
     killed mid-write) sees the old file or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    # not mkstemp: its 0600 would make records private; mode 0o666 here is narrowed by the umask, as open()'s
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)

@@ -257,6 +257,7 @@ def run(cfg: DictConfig, run_dir: Path, command: str | None = None) -> dict[str,
             if prepared.save is not None:  # git-ignored: records are committed, weights never
                 run_dir.mkdir(parents=True, exist_ok=True)
                 record["adapter"] = prepared.save(run_dir) | {"reload": RELOAD}
+                records.honour_umask(run_dir / record["adapter"]["path"])
             logger.log({f"dev/{k}": v for k, v in record["metrics"].items()}, record["train"]["steps"])
             record["status"] = "completed"
     except NonFiniteError as err:
