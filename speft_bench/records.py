@@ -34,9 +34,19 @@ def resolved_config(cfg: DictConfig) -> dict[str, Any]:
 NOT_IDENTITY = ("paths", "logger", "resume", "dry_run")
 
 
+# (group, knob) → default: knobs that change how a run is carried out but not its results (resuming from
+# any checkpoint is bit-identical, tests/test_checkpoints.py), hashed at their default so that turning them
+# on for a rerun (periodic checkpoints on a preemptible partition) keeps the run's identity and its records.
+HASHED_AT_DEFAULT = {("train", "checkpoint_every"): None}
+
+
 def config_hash(config: dict[str, Any]) -> str:
-    """Identity of a run: the resolved config without ``NOT_IDENTITY`` (they don't change results)."""
+    """Identity of a run: the resolved config without ``NOT_IDENTITY`` and with ``HASHED_AT_DEFAULT`` at
+    their defaults (neither changes results)."""
     identity = {k: v for k, v in config.items() if k not in NOT_IDENTITY}
+    for (group, knob), default in HASHED_AT_DEFAULT.items():
+        if knob in identity.get(group, {}):
+            identity[group] = {**identity[group], knob: default}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 

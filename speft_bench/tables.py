@@ -31,13 +31,14 @@ import pandas as pd
 import yaml
 
 from speft_bench import PROJECT_ROOT
-from speft_bench.records import RECORD_NAME
+from speft_bench.records import HASHED_AT_DEFAULT, RECORD_NAME
 
 TABLES_CONF = PROJECT_ROOT / "conf" / "tables"
 PAPER_DIR = PROJECT_ROOT / "results" / "paper"
 AVG, WINS, MISSING, FAILED = "Avg.", "#", "—", "failed"
 # Config keys the seeds of one cell may differ in; any other difference is a second setting.
-PER_RUN_KEYS = ("train.seed", "train.log_every", "train.num_threads", "train.eval_batch_size", "paths.", "logger.")
+PER_RUN_KEYS = ("train.seed", "train.log_every", "train.num_threads", "train.eval_batch_size", "paths.", "logger.",
+                *(f"{group}.{knob}" for group, knob in HASHED_AT_DEFAULT))
 
 
 @dataclass(frozen=True)

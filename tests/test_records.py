@@ -59,6 +59,18 @@ def test_a_record_from_before_a_new_knob_is_migrated_and_one_with_another_differ
         migrate_records.migrated(wrong, Path("x"), composed)
 
 
+def test_checkpoint_every_is_hashed_at_its_default_and_every_other_train_knob_counts():
+    """Periodic checkpoints turned on for a rerun keep the run's identity (and the records made without)."""
+    record = records.read_record(COMMITTED[0])
+    config = copy.deepcopy(record["config"])
+    assert config["train"]["checkpoint_every"] is None
+    config["train"]["checkpoint_every"] = 50
+    assert records.config_hash(config) == record["config_hash"]
+    assert config["train"]["checkpoint_every"] == 50  # the record keeps the value it ran with
+    config["train"]["max_steps"] = 7
+    assert records.config_hash(config) != record["config_hash"]
+
+
 def test_git_state_names_changed_code_and_leaves_results_out(tmp_path):
     def git(*args):
         subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,

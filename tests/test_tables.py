@@ -125,6 +125,9 @@ def test_one_cell_never_pools_two_settings():
     records = [record("lora", "mrpc", 0, 0.8, r=8), record("lora", "mrpc", 1, 0.8, r=4)]
     with pytest.raises(ValueError, match=r"'LoRA', column 'MRPC'.*\['method.r'\]"):
         build_table(SPEC, records, PAPER)
+    records[1]["config"]["method"]["r"] = 8
+    records[1]["config"]["train"]["checkpoint_every"] = 50  # how, not what: one setting (config hash too)
+    assert build_table(SPEC, records, PAPER).set_index(["row", "column"]).loc[("LoRA", "MRPC"), "n"] == 2
 
 
 def test_the_protocols_lr_runs_fill_the_lr_table_and_no_twin_cell():
