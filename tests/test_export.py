@@ -6,6 +6,8 @@ refreshes gives other logits.
 """
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -130,5 +132,12 @@ def test_a_finished_run_reloads_from_its_folder_with_the_same_dev_metrics(tmp_pa
     assert record["adapter"]["path"] == "adapter.safetensors" and "load_trained" in record["adapter"]["reload"]
     trained = export.load_trained(tmp_path)
     assert trained.evaluate()["metrics"] == record["metrics"]  # eval_loss included: every logit the same
-    export.main([str(tmp_path), "--evaluate"])
-    assert json.loads(capsys.readouterr().out)["identical"] is True
+    previous = os.umask(0o027)  # a shared project's group reads the merged model (safetensors alone: 0600)
+    try:
+        export.main([str(tmp_path), "--evaluate", "--merged", str(tmp_path / "merged")])
+    finally:
+        os.umask(previous)
+    assert json.loads(capsys.readouterr().out.split("merged model written")[0])["identical"] is True
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "merged").iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"] == 0o640, modes
+    assert stat.S_IMODE((tmp_path / "merged").stat().st_mode) == 0o750

@@ -2,12 +2,16 @@
 
 import functools
 import json
+import os
 import re
+import stat
 import time
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from speft_bench.config import validate
 from speft_bench.errors import ConfigError
@@ -54,6 +58,30 @@ def test_missing_package_and_missing_folder_name_the_knob(tmp_path):
     with pytest.raises(ModelSourceError, match="no such folder"):
         resolve_pretrained(model_spec(f"model.pretrained={tmp_path}/absent"), tmp_path)
 
+
+
+@pytest.mark.slow  # ~20 s: dequantises SmolLM2-135M's Q4_1 GGUF
+def test_a_gguf_checkpoint_converts_once_to_plain_fp32_with_the_umask_s_modes(tmp_path):
+    """The cache folder is whole (renamed into place), plain fp32 and readable by whom the umask says (a
+    shared cache: safetensors alone writes 0600); a second resolve reuses it."""
+    spec = validate(compose_config("task=gsm8k", "method=lora", "model=smollm2_135m"))["model"]
+    previous = os.umask(0o027)
+    try:
+        path = Path(resolve_pretrained(spec, tmp_path))
+    finally:
+        os.umask(previous)
+    assert path == tmp_path / "smollm2_135m-dequantised-fp32" and [p.name for p in tmp_path.iterdir()] == [path.name]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o750
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in path.iterdir()} == {
+        name: 0o640 for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                                 "tokenizer_config.json", "chat_template.jinja")}
+    config = json.loads((path / "config.json").read_text())
+    assert "quantization_config" not in config and config["num_hidden_layers"] == 30
+    weights = load_file(path / "model.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.float32}
+    assert sum(t.numel() for t in weights.values()) == 134_515_008
+    start = time.perf_counter()
+    assert resolve_pretrained(spec, tmp_path) == str(path) and time.perf_counter() - start < 1
 
 # --------------------------------------------------------------------------- paper shapes without downloads
 PUBLISHED = {  # parameters of the shipped architectures: causal LMs, and 2-label classifiers for the encoders
