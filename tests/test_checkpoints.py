@@ -138,8 +138,9 @@ def test_dynamic_speft_resumed_between_refreshes_is_bit_identical(tmp_path, monk
 
 def test_lora_stopped_then_killed_resumes_from_the_latest_checkpoint(tmp_path, monkeypatch, passed_on):
     """SIGUSR1 after step 3; the resumed run killed in step 5 leaves its periodic checkpoint of step 4 (the
-    end of the first epoch), which the third run, in a third folder, continues from.  Only the killed run
-    checkpoints on a schedule: ``train.checkpoint_every`` is not part of a run's identity."""
+    end of the first epoch), which the third run, in a third folder, continues from.  The reference and the
+    killed run checkpoint on a schedule, the others not: ``train.checkpoint_every`` is not part of a run's
+    identity."""
     lora = ("method=lora", "method.dropout=0.1", *TINY)
     reference = run(compose_config(*lora, "train.checkpoint_every=2", f"paths.output_dir={tmp_path / 'elsewhere'}"),
                     tmp_path / "reference")
