@@ -25,6 +25,15 @@ import pytest  # noqa: E402
 from tests.helpers import MINILM  # noqa: E402
 
 
+@pytest.fixture
+def group_umask():
+    """umask 027 for the test (a shared project's group may read, not write): files that honour it come out
+    0640 and folders 0750, where safetensors, mkstemp and mkdtemp alone give 0600 and 0700."""
+    previous = os.umask(0o027)
+    yield
+    os.umask(previous)
+
+
 @pytest.fixture(scope="session")
 def minilm():
     """A fresh MiniLM-L6 sequence classifier (2 labels) per call, loaded from the PyPI package."""

@@ -6,7 +6,6 @@ refreshes gives other logits.
 """
 
 import json
-import os
 import stat
 
 import pytest
@@ -125,18 +124,14 @@ def test_lora_saves_a_peft_adapter_with_its_head(tmp_path):
 TINY_RUN = (*TINY_MRPC, "task.eval_limit=16", "train.max_steps=3", "train.lr=0.02")
 
 
-def test_a_finished_run_reloads_from_its_folder_with_the_same_dev_metrics(tmp_path, capsys):
+def test_a_finished_run_reloads_from_its_folder_with_the_same_dev_metrics(tmp_path, capsys, group_umask):
     cfg = compose_config("method=speft", "metric=gradient", "masking=dynamic_global", "masking.interval=1",
                          "method.calibration_examples=8", "method.calibration_batch_size=4", *TINY_RUN)
     record = run(cfg, tmp_path)
     assert record["adapter"]["path"] == "adapter.safetensors" and "load_trained" in record["adapter"]["reload"]
     trained = export.load_trained(tmp_path)
     assert trained.evaluate()["metrics"] == record["metrics"]  # eval_loss included: every logit the same
-    previous = os.umask(0o027)  # a shared project's group reads the merged model (safetensors alone: 0600)
-    try:
-        export.main([str(tmp_path), "--evaluate", "--merged", str(tmp_path / "merged")])
-    finally:
-        os.umask(previous)
+    export.main([str(tmp_path), "--evaluate", "--merged", str(tmp_path / "merged")])
     assert json.loads(capsys.readouterr().out.split("merged model written")[0])["identical"] is True
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "merged").iterdir()}
     assert modes["model.safetensors"] == modes["config.json"] == 0o640, modes

@@ -2,7 +2,6 @@
 
 import functools
 import json
-import os
 import re
 import stat
 import time
@@ -61,15 +60,11 @@ def test_missing_package_and_missing_folder_name_the_knob(tmp_path):
 
 
 @pytest.mark.slow  # ~20 s: dequantises SmolLM2-135M's Q4_1 GGUF
-def test_a_gguf_checkpoint_converts_once_to_plain_fp32_with_the_umask_s_modes(tmp_path):
+def test_a_gguf_checkpoint_converts_once_to_plain_fp32_with_the_umask_s_modes(tmp_path, group_umask):
     """The cache folder is whole (renamed into place), plain fp32 and readable by whom the umask says (a
     shared cache: safetensors alone writes 0600); a second resolve reuses it."""
     spec = validate(compose_config("task=gsm8k", "method=lora", "model=smollm2_135m"))["model"]
-    previous = os.umask(0o027)
-    try:
-        path = Path(resolve_pretrained(spec, tmp_path))
-    finally:
-        os.umask(previous)
+    path = Path(resolve_pretrained(spec, tmp_path))
     assert path == tmp_path / "smollm2_135m-dequantised-fp32" and [p.name for p in tmp_path.iterdir()] == [path.name]
     assert stat.S_IMODE(path.stat().st_mode) == 0o750
     assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in path.iterdir()} == {

@@ -108,16 +108,10 @@ def test_the_record_names_the_code_version_the_run_started_on(tmp_path, monkeypa
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", [("method=lora",), SPEFT], ids=["lora-folder", "speft-file"])
-def test_a_run_writes_its_files_with_the_umask_s_mode(tmp_path, method):
+def test_a_run_writes_its_files_with_the_umask_s_mode(tmp_path, method, group_umask):
     """Records and adapters are readable by whom the umask says (a shared project's group), as open()'s
     files are; mkstemp and safetensors alone would write 0600."""
-    import os
-
-    previous = os.umask(0o027)
-    try:
-        record = run(compose_config(*method, *TINY_MRPC), tmp_path)
-    finally:
-        os.umask(previous)
+    record = run(compose_config(*method, *TINY_MRPC), tmp_path)
     written = [tmp_path / "record.json", tmp_path / record["adapter"]["path"]]
     files = [p for w in written for p in ([w] if w.is_file() else w.rglob("*")) if p.is_file()]
     assert len(files) >= 2 and {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {
